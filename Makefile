@@ -1,0 +1,32 @@
+# One-command set-up on a fresh clone: `make demo` opens napari with the sample volume,
+# `make test` runs the test suite under a virtual X server.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := xvfb xauth libgl1 libegl1 libgl1-mesa-dri libglx-mesa0 libxkbcommon-x11-0 \
+	libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 \
+	libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libxcb-xkb1 libdbus-1-3 \
+	libfontconfig1 libglib2.0-0
+
+.PHONY: demo test sysdeps benchmark
+
+# Xvfb and the Mesa/xcb libraries Qt and napari's OpenGL canvas need on a headless machine.
+sysdeps:
+	@command -v xvfb-run >/dev/null && ldconfig -p | grep -q libxcb-cursor \
+	|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES))
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch and torchvision pinned together: timm needs torchvision, and mismatched builds fail to import
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: sysdeps $(VENV)/.installed
+	$(VENV)/bin/napari-tae demo
+
+test: sysdeps $(VENV)/.installed
+	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest -q
+
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/run_all.py
