@@ -1,0 +1,89 @@
+"""napari reader contribution for NIfTI FLAIR volumes, and the radiological camera view.
+
+The layer is placed in world millimetres (``scale`` = voxel size, ``translate`` = origin) of the
+canonical RAS volume in napari order ``(S, A, R)``; the source geometry travels in
+``layer.metadata`` so results can be written back on the original grid.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from napari_tae.io import is_nifti_path, layer_kwargs, load_volume
+from napari_tae.preprocess import brain_mask
+
+__all__ = ["RADIOLOGICAL_ORIENTATION", "contrast_limits", "napari_get_reader", "read_nifti",
+           "set_radiological_view"]
+
+LayerData = tuple[Any, dict[str, Any], str]
+PathOrPaths = str | Sequence[str]
+
+#: Camera orientation (depth, vertical, horizontal) for the (S, A, R) axes: anterior up, the
+#: patient's right on the screen's left, superior away from the viewer (seen from the feet).
+RADIOLOGICAL_ORIENTATION = ("away", "up", "left")
+
+
+def napari_get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
+    """Return :func:`read_nifti` for ``.nii``/``.nii.gz`` paths (all of them), else None."""
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not paths or not all(is_nifti_path(p) for p in paths):
+        return None
+    return read_nifti
+
+
+def contrast_limits(data: np.ndarray) -> tuple[float, float]:
+    """Display window: 1st to 99.5th percentile of the brain (of the volume if that is flat)."""
+    with warnings.catch_warnings():
+        # the not-skull-stripped warning is for the model; display works either way
+        warnings.simplefilter("ignore")
+        try:
+            values = data[brain_mask(data)]
+        except ValueError:
+            values = data.ravel()
+    lo, hi = (float(v) for v in np.percentile(values, [1.0, 99.5]))
+    if not hi > lo:
+        lo, hi = float(data.min()), float(data.max())
+    return lo, hi
+
+
+def set_radiological_view(viewer: Any) -> None:
+    """Radiological display through the camera: anterior up, patient's right on screen left.
+
+    Flips the camera orientation instead of using negative layer scales, so world coordinates
+    (and everything written back) stay in true RAS millimetres.
+    """
+    viewer.camera.orientation = RADIOLOGICAL_ORIENTATION
+
+
+def _layer_name(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_nifti(path: PathOrPaths) -> list[LayerData]:
+    """Read one or more NIfTI volumes as Image layers (raises VolumeError on broken files)."""
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    layers = []
+    for p in paths:
+        volume = load_volume(p)
+        kwargs = layer_kwargs(volume.geometry, _layer_name(os.fspath(p)))
+        kwargs.update(colormap="gray", contrast_limits=contrast_limits(volume.data))
+        layers.append((volume.data, kwargs, "image"))
+    _radiological_current_viewer()
+    return layers
+
+
+def _radiological_current_viewer() -> None:
+    import napari
+
+    viewer = napari.current_viewer()
+    if viewer is not None:
+        set_radiological_view(viewer)
