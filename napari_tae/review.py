@@ -1,0 +1,463 @@
+"""Review logic behind the napari widget: cached results, live post-processing, edits, export.
+
+Everything here is plain numpy (no napari, no Qt) so that it can be tested without a viewer; the
+widget in :mod:`napari_tae._widget` only wires it to layers, sliders and workers.
+
+Post-processing follows Ghorbel et al., "Transformer based Models for Unsupervised Anomaly
+Segmentation in Brain MR Images", BrainLes 2022: median filter of the residual, then a squash
+threshold, then connected components (see :mod:`napari_tae.postprocess`).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_tae.postprocess import anomaly_mask, label_lesions, lesion_table, ml_to_voxels, slice_mask
+
+__all__ = [
+    "EditRecord",
+    "ExportError",
+    "Generation",
+    "MaskResult",
+    "PostSettings",
+    "ReviewState",
+    "calibrated_squash",
+    "compute_mask",
+    "export_paths",
+    "export_results",
+    "file_sha256",
+    "provenance",
+    "write_lesion_csv",
+]
+
+
+class ExportError(ValueError):
+    """An export that would overwrite a file or the input volume."""
+
+
+class Generation:
+    """Monotonic counter tagging asynchronous work so that stale results can be dropped.
+
+    ``tag = gen.next()`` when work starts; when it finishes, ``gen.is_current(tag)`` says whether
+    nothing newer was started (or the work was invalidated) in the meantime.
+    """
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def next(self) -> int:
+        self._value += 1
+        return self._value
+
+    def invalidate(self) -> None:
+        """Make every outstanding tag stale (e.g. the result's layer was removed)."""
+        self._value += 1
+
+    @property
+    def current(self) -> int:
+        return self._value
+
+    def is_current(self, tag: int) -> bool:
+        return tag == self._value
+
+
+@dataclass(frozen=True)
+class PostSettings:
+    """The live post-processing settings (the widget's sliders)."""
+
+    kernel: int = 5            # odd median width, 1 = off
+    squash: float = 1.0        # percent of the [0, 1] intensity range
+    mode: str = "2d"           # median window: per slice or 3D
+    min_size: float = 0.0      # smallest lesion kept, in ``min_size_unit``
+    min_size_unit: str = "voxels"  # "voxels" or "mL"
+
+    def min_voxels(self, spacing: tuple[float, ...]) -> int:
+        if self.min_size <= 0:
+            return 0
+        if self.min_size_unit == "mL":
+            return ml_to_voxels(self.min_size, spacing)
+        return int(round(self.min_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibrated_squash(calibration: dict | None) -> float:
+    """Default squash: the checkpoint's calibrated ``default`` (percent), else 1 %."""
+    if calibration:
+        value = calibration.get("default")
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            return float(value)
+    return 1.0
+
+
+class EditRecord:
+    """Voxels the user painted or erased on the mask layer, relative to what the plugin wrote.
+
+    Edits are found by comparing the layer's data with the last array written into it, which
+    catches every way of editing (brush, fill, eraser, console). A recomputed automatic mask is
+    merged as ``(auto | added) & ~erased``, so a slider change never undoes a manual edit.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
+        self.added: np.ndarray | None = None    # allocated on the first edit
+        self.erased: np.ndarray | None = None
+        self.version = 0                        # bumped on every recorded change
+
+    @property
+    def n_added(self) -> int:
+        return 0 if self.added is None else int(self.added.sum())
+
+    @property
+    def n_erased(self) -> int:
+        return 0 if self.erased is None else int(self.erased.sum())
+
+    def record(self, current: np.ndarray, written: np.ndarray, index: int | None = None) -> int:
+        """Remember voxels where ``current`` (layer data) differs from ``written``.
+
+        Args:
+            current: The mask layer's data (labels, 0 = background).
+            written: What the plugin last wrote into the layer.
+            index: Compare only this axial slice (cheap check before a slice preview).
+
+        Returns:
+            Number of differing voxels found.
+        """
+        cur = np.asarray(current if index is None else current[index])
+        old = np.asarray(written if index is None else written[index])
+        diff = cur != old
+        n = int(np.count_nonzero(diff))
+        if n == 0:
+            return 0
+        if self.added is None:
+            self.added = np.zeros(self.shape, dtype=bool)
+            self.erased = np.zeros(self.shape, dtype=bool)
+        added = self.added if index is None else self.added[index]
+        erased = self.erased if index is None else self.erased[index]
+        painted = diff & (cur != 0)
+        removed = diff & (cur == 0)
+        added[painted] = True
+        erased[painted] = False
+        erased[removed] = True
+        added[removed] = False
+        self.version += 1
+        return n
+
+    def apply(self, auto: np.ndarray, index: int | None = None) -> np.ndarray:
+        """Automatic mask (volume, or slice ``index``) with the manual edits laid over it."""
+        merged = np.array(auto, dtype=bool, copy=True)
+        if self.added is None:
+            return merged
+        added = self.added if index is None else self.added[index]
+        erased = self.erased if index is None else self.erased[index]
+        merged |= added
+        merged &= ~erased
+        return merged
+
+    def snapshot(self) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+        """Copies for a background worker (the GUI thread may record more edits meanwhile)."""
+        if self.added is None:
+            return None, None, self.version
+        return self.added.copy(), self.erased.copy(), self.version
+
+
+@dataclass
+class MaskResult:
+    """A whole-volume post-processing result, ready to be written into the mask layer."""
+
+    post: PostSettings
+    auto: np.ndarray           # bool, the automatic mask without manual edits
+    labels: np.ndarray         # int32 components of the merged mask, 1 = largest
+    lesions: list[dict]        # napari_tae.postprocess.lesion_table of the merged mask
+    edit_version: int          # EditRecord.version the merge used
+
+
+def compute_mask(
+    residual: np.ndarray,
+    post: PostSettings,
+    *,
+    spacing: tuple[float, ...],
+    origin: tuple[float, ...],
+    brain: np.ndarray | None = None,
+    edits: tuple[np.ndarray | None, np.ndarray | None, int] = (None, None, 0),
+    auto: np.ndarray | None = None,
+) -> MaskResult:
+    """Whole-volume mask, components and lesion table (runs in a background worker).
+
+    Args:
+        residual: Cached residual (Z, Y, X).
+        post: Post-processing settings.
+        spacing, origin: Voxel size and origin in mm (napari order), for mL and centroids.
+        brain: Brain mask; nothing outside it is anomalous.
+        edits: :meth:`EditRecord.snapshot` to lay over the automatic mask.
+        auto: Reuse an already computed automatic mask (only the merge is redone).
+    """
+    if auto is None:
+        auto = anomaly_mask(
+            residual, kernel=post.kernel, squash=post.squash, mode=post.mode,
+            min_size=post.min_voxels(spacing), brain=brain,
+        )
+    added, erased, version = edits
+    merged = auto.copy()
+    if added is not None:
+        merged |= added
+        merged &= ~erased
+    labels, _ = label_lesions(merged)
+    lesions = lesion_table(merged, residual, spacing, origin)
+    return MaskResult(post=post, auto=auto, labels=labels, lesions=lesions, edit_version=version)
+
+
+@dataclass
+class ReviewState:
+    """Everything kept for one input layer's result: the residual cache and the mask's history.
+
+    ``written`` is a private copy of the array last written into the mask layer; the layer's own
+    data may be painted on by the user, and the difference between the two is the edit record.
+    """
+
+    source_name: str
+    residual: np.ndarray
+    brain: np.ndarray | None
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    geometry: Any = None                 # napari_tae.io.Geometry, or None for plain arrays
+    checkpoint: str = "intensity"        # path, bundled name or "intensity"
+    meta: Any = None                     # napari_tae.checkpoint.CheckpointMeta or None
+    device: str = "cpu"
+    norm: dict = field(default_factory=dict)
+    post: PostSettings = field(default_factory=PostSettings)
+    written: np.ndarray | None = None
+    lesions: list[dict] = field(default_factory=list)
+    edits: EditRecord = field(init=False)
+    generation: Generation = field(default_factory=Generation)  # post-processing results
+
+    def __post_init__(self) -> None:
+        self.edits = EditRecord(self.residual.shape)
+
+    def record_edits(self, layer_data: np.ndarray, index: int | None = None) -> int:
+        if self.written is None or np.shape(layer_data) != self.written.shape:
+            return 0
+        return self.edits.record(layer_data, self.written, index)
+
+    def compute(self, post: PostSettings) -> MaskResult:
+        """Synchronous whole-volume update (background workers call :func:`compute_mask`)."""
+        return compute_mask(
+            self.residual, post, spacing=self.spacing, origin=self.origin, brain=self.brain,
+            edits=self.edits.snapshot(),
+        )
+
+    def finish(self, result: MaskResult) -> MaskResult:
+        """Redo the cheap merge if the user edited the mask while ``result`` was computed."""
+        if result.edit_version == self.edits.version:
+            return result
+        return compute_mask(
+            self.residual, result.post, spacing=self.spacing, origin=self.origin,
+            brain=self.brain, edits=self.edits.snapshot(), auto=result.auto,
+        )
+
+    def accept(self, result: MaskResult) -> np.ndarray:
+        """Adopt a finished result; returns the array to write into the mask layer."""
+        self.post = result.post
+        self.lesions = result.lesions
+        self.written = result.labels.copy()  # the layer gets ``labels``; painting must not alter this
+        return result.labels
+
+    def preview_slice(self, index: int, post: PostSettings) -> np.ndarray:
+        """Instant mask of one axial slice (no ``min_size``: that needs the whole volume).
+
+        Surviving voxels keep their current lesion label so colours do not flicker; new ones get
+        label 1 until the whole-volume pass relabels them.
+        """
+        auto = slice_mask(
+            self.residual, kernel=post.kernel, squash=post.squash, mode=post.mode, index=index,
+            brain=self.brain,
+        )
+        merged = self.edits.apply(auto, index)
+        old = self.written[index] if self.written is not None else np.zeros_like(merged, np.int32)
+        out = np.where(merged, np.where(old > 0, old, 1), 0).astype(np.int32)
+        if self.written is not None:
+            self.written[index] = out
+        return out
+
+    def current_lesions(self, layer_data: np.ndarray) -> list[dict]:
+        """Lesion table of the mask as it is now in the layer (manual edits included)."""
+        return lesion_table(np.asarray(layer_data) > 0, self.residual, self.spacing, self.origin)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+_SUFFIXES = {
+    "mask": "_mask.nii.gz",
+    "residual": "_residual.nii.gz",
+    "lesions": "_lesions.csv",
+    "provenance": "_provenance.json",
+}
+
+
+def export_paths(folder: str | os.PathLike, base: str) -> dict[str, Path]:
+    """The files an export writes: ``<folder>/<base>_{mask,residual}.nii.gz``, CSV and JSON."""
+    base = base.strip()
+    if not base or os.sep in base or (os.altsep and os.altsep in base):
+        raise ExportError(f"{base!r}: the base name must be a plain file name prefix")
+    return {k: Path(folder) / f"{base}{s}" for k, s in _SUFFIXES.items()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Full sha256 of a file (the checkpoint's own bytes, for the provenance record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def provenance(state: ReviewState, *, input_file: str | None, n_lesions: int,
+               extra: dict | None = None) -> dict[str, Any]:
+    """JSON-ready record of how a mask was made: input, model, weights hash, settings, version."""
+    from napari_tae import __version__
+
+    meta = state.meta
+    ckpt_path = state.checkpoint if os.path.isfile(state.checkpoint) else None
+    record = {
+        "napari_tae_version": __version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "input_file": input_file,
+        "input_layer": state.source_name,
+        "checkpoint": state.checkpoint,
+        "checkpoint_file_sha256": file_sha256(ckpt_path) if ckpt_path else None,
+        "weights_sha256": getattr(meta, "sha256", None),
+        "model_name": getattr(meta, "model_name", "intensity" if meta is None else None),
+        "model_config": getattr(meta, "config", None),
+        "calibration": getattr(meta, "calibration", None),
+        "normalisation": state.norm,
+        "device": state.device,
+        "post_processing": state.post.to_dict(),
+        "min_size_voxels": state.post.min_voxels(state.spacing),
+        "manual_edits": {"voxels_added": state.edits.n_added, "voxels_erased": state.edits.n_erased},
+        "n_lesions": n_lesions,
+        "spacing_mm": list(state.spacing),
+        "origin_mm": list(state.origin),
+    }
+    record.update(extra or {})
+    return _jsonable(record)
+
+
+def _atomic_text(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_lesion_csv(lesions: list[dict], path: str | os.PathLike) -> Path:
+    """Lesion table as CSV; (z, y, x) tuples become ``<name>_z``, ``_y``, ``_x`` columns."""
+    rows = []
+    for lesion in lesions:
+        row = {}
+        for key, value in lesion.items():
+            if isinstance(value, (tuple, list)):
+                axes = "zyx" if len(value) == 3 else "yx"[-len(value):]
+                row.update({f"{key}_{a}": v for a, v in zip(axes, value)})
+            else:
+                row[key] = value
+        rows.append(row)
+    columns = list(rows[0]) if rows else ["label", "voxels", "volume_ml", "max_residual",
+                                         "mean_residual"]
+
+    def write(fh):
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+
+    path = Path(path)
+    _atomic_text(path, write)
+    return path
+
+
+def export_results(
+    folder: str | os.PathLike,
+    base: str,
+    *,
+    mask: np.ndarray,
+    state: ReviewState,
+    input_file: str | None = None,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> dict[str, Path]:
+    """Write mask + residual NIfTI (source grid and header), lesion CSV and provenance JSON.
+
+    Args:
+        folder: Existing output folder.
+        base: File name prefix.
+        mask: The mask layer's data (manual edits included); saved as 0/1.
+        state: The result being reviewed (residual, geometry, settings).
+        input_file: The source volume, never written over.
+        overwrite: Replace existing files (the widget asks the user first).
+
+    Returns:
+        The written paths by kind (``mask``, ``residual``, ``lesions``, ``provenance``).
+
+    Raises:
+        ExportError: The folder is missing, a target is the input file, or a target exists and
+            ``overwrite`` is False. Checked for all files before anything is written.
+    """
+    from napari_tae.io import save_volume
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: export folder does not exist")
+    paths = export_paths(folder, base)
+    sources = [p for p in (input_file, getattr(state.geometry, "source_path", None)) if p]
+    for p in paths.values():
+        for src in sources:
+            if os.path.exists(src) and p.exists() and os.path.samefile(p, src):
+                raise ExportError(f"{p}: refusing to write over the input volume")
+            if os.path.abspath(p) == os.path.abspath(src):
+                raise ExportError(f"{p}: refusing to write over the input volume")
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise ExportError(f"{existing[0]}: file exists (export refuses to overwrite)")
+
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    lesions = state.current_lesions(binary)
+    kw = dict(geometry=state.geometry, scale=state.spacing, translate=state.origin,
+              overwrite=overwrite)
+    save_volume(binary, path=paths["mask"], labels=True, **kw)
+    save_volume(state.residual, path=paths["residual"], **kw)
+    write_lesion_csv(lesions, paths["lesions"])
+    record = provenance(state, input_file=input_file, n_lesions=len(lesions), extra=extra)
+    record["files"] = {k: p.name for k, p in paths.items()}
+    _atomic_text(paths["provenance"], lambda fh: json.dump(record, fh, indent=2))
+    return paths
