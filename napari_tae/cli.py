@@ -1,0 +1,593 @@
+"""Command-line interface: batch segmentation, the model list and the one-command demo.
+
+``napari-tae segment`` runs the same code path as the plugin (:func:`napari_tae.inference.segment`,
+Ghorbel et al., "Transformer based Models for Unsupervised Anomaly Segmentation in Brain MR Images",
+BrainLes 2022, https://arxiv.org/abs/2207.02059) on many NIfTI files and writes, per input, the
+reconstruction, residual and mask on the input's grid, a lesion table and a provenance record.
+``napari-tae models`` lists the model zoo and the bundled checkpoints; ``napari-tae demo`` opens
+napari with the sample volume and the anomaly widget.
+
+Heavy modules (torch, napari) are imported inside the subcommands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["OUTPUT_SUFFIXES", "build_parser", "main", "resolve_checkpoint", "find_inputs"]
+
+_logger = logging.getLogger("napari_tae.cli")
+
+#: Files written per input, ``<name><suffix>`` in the output folder.
+OUTPUT_SUFFIXES = (
+    "_reconstruction.nii.gz",
+    "_residual.nii.gz",
+    "_mask.nii.gz",
+    "_lesions.csv",
+    "_provenance.json",
+)
+#: Exit statuses above 125 mean "killed by a signal" or "command not found" to a shell.
+_MAX_EXIT = 125
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class CLIError(Exception):
+    """A user error with a one-line message (no traceback is shown)."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by the subcommands
+
+
+def _stem(path: str | os.PathLike) -> str:
+    """File name without ``.nii``/``.nii.gz`` (any case)."""
+    name = os.path.basename(os.fspath(path))
+    for suffix in _NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_nifti(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(_NIFTI_SUFFIXES)
+
+
+def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (their NIfTI files, sorted, not recursive) into a file list.
+
+    Paths that do not exist are kept, so the batch reports them by name as failures instead of
+    silently dropping them. A folder without NIfTI files is an error.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p))
+            if not found:
+                raise CLIError(f"{path}: folder holds no .nii or .nii.gz file")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def resolve_checkpoint(name_or_path: str) -> Path | None:
+    """Path of a checkpoint given as a file or a bundled name; ``None`` for ``intensity``.
+
+    Raises
+    ------
+    CLIError
+        Neither an existing file nor a bundled name (the message lists the bundled names).
+    """
+    if name_or_path == "intensity":
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    from napari_tae.checkpoint import bundled_checkpoints
+
+    bundled = bundled_checkpoints()
+    if name_or_path in bundled:
+        return Path(bundled[name_or_path])
+    known = ", ".join(["intensity", *sorted(bundled)])
+    raise CLIError(f"{name_or_path}: no such checkpoint file or bundled name (bundled: {known})")
+
+
+def _load_model(name_or_path: str, device: str) -> tuple[Any, Any, Path | None]:
+    """(model, meta or None, checkpoint path or None) for a file, a bundled name or intensity."""
+    path = resolve_checkpoint(name_or_path)
+    if path is None:
+        from napari_tae.models import build_model
+
+        return build_model("intensity"), None, None
+    from napari_tae.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        model, meta = load_checkpoint(path, device="cpu")
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise CLIError(_one_line(exc, path)) from None
+    return model, meta, path
+
+
+def _one_line(exc: BaseException, path: str | os.PathLike | None = None) -> str:
+    """A user-facing one-line message; names the file when the exception does not already."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    if path is not None and os.fspath(path) not in text:
+        text = f"{os.fspath(path)}: {text}"
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# segment
+
+
+@dataclass
+class _Job:
+    """One input file and where its results go."""
+
+    source: Path
+    name: str
+    outputs: dict[str, Path]
+
+
+def _plan_jobs(files: list[Path], out_dir: Path) -> tuple[list[_Job], list[tuple[Path, str]]]:
+    """Output paths per input; inputs whose name repeats another's are failures, not overwrites."""
+    jobs: list[_Job] = []
+    failed: list[tuple[Path, str]] = []
+    seen: dict[str, Path] = {}
+    for source in files:
+        name = _stem(source)
+        if name in seen:
+            failed.append((source, f"same output name '{name}' as {seen[name]}; rename one"))
+            continue
+        seen[name] = source
+        outputs = {suffix: out_dir / f"{name}{suffix}" for suffix in OUTPUT_SUFFIXES}
+        jobs.append(_Job(source=source, name=name, outputs=outputs))
+    return jobs, failed
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_outputs(job: _Job, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before computing anything, outputs that exist or that are one of the inputs."""
+    for out in job.outputs.values():
+        if any(_same_path(out, src) for src in inputs):
+            raise CLIError(f"{job.source}: output {out} is one of the inputs; choose another --out-dir")
+    existing = [out.name for out in job.outputs.values() if out.exists()]
+    if existing and not overwrite:
+        raise CLIError(
+            f"{job.source}: outputs exist in the output folder ({', '.join(existing)}); "
+            "pass --overwrite to replace them"
+        )
+
+
+def _brain_mask_for(job: _Job, brain_arg: str | None, shape: tuple[int, ...]) -> Any:
+    """The supplied brain mask for this input (a file, or a folder of masks named like the inputs)."""
+    if brain_arg is None:
+        return None
+    from napari_tae.io import load_volume
+
+    path = Path(brain_arg)
+    if path.is_dir():
+        candidates = [path / f"{job.name}{suffix}" for suffix in _NIFTI_SUFFIXES]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise CLIError(f"{job.source}: no brain mask {job.name}.nii[.gz] in {path}")
+        path = found[0]
+    mask = load_volume(path)
+    if mask.data.shape != shape:
+        raise CLIError(
+            f"{path}: brain mask shape {mask.data.shape} doesn't match the volume {shape} "
+            f"of {job.source}"
+        )
+    return mask.data > 0
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays -> plain Python values for CSV/JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary name, so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def provenance_record(
+    source: Path,
+    checkpoint: Path | None,
+    meta: Any,
+    settings: dict[str, Any],
+    outputs: dict[str, Path],
+    n_lesions: int,
+) -> dict[str, Any]:
+    """JSON-serialisable record of what produced an output: input, model, settings, version, date."""
+    from napari_tae import __version__
+    from napari_tae.review import file_sha256
+
+    model: dict[str, Any] = {"name": "intensity", "checkpoint": None}
+    if meta is not None:
+        model = {
+            "name": meta.model_name,
+            "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
+            "checkpoint_file_sha256": file_sha256(checkpoint) if checkpoint else None,
+            "weights_sha256": meta.sha256,
+            "img_size": meta.img_size,
+            "config": meta.config,
+            "calibration": meta.calibration,
+            "preprocessing": meta.preprocessing,
+            "training": meta.training,
+        }
+    return _plain(
+        {
+            "input": str(source.resolve()),
+            "input_sha256": file_sha256(source),
+            "model": model,
+            "settings": settings,
+            "lesions": n_lesions,
+            "outputs": {suffix.strip("_").split(".")[0]: str(p.resolve()) for suffix, p in outputs.items()},
+            "software": {"napari_tae": __version__, "command": "napari-tae segment"},
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+
+
+def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckpt: Path | None) -> int:
+    """Segment one file and write its five outputs; returns the number of lesions."""
+    from napari_tae.inference import segment
+    from napari_tae.io import load_volume, save_volume
+    from napari_tae.review import write_lesion_csv
+
+    volume = load_volume(job.source)
+    brain = _brain_mask_for(job, args.brain_mask, volume.data.shape)
+    result = segment(
+        volume,
+        model,
+        meta,
+        kernel=args.median_kernel,
+        squash=args.squash,
+        mode=args.median_mode,
+        min_size=args.min_size,
+        brain=brain,
+        device=args.device,
+    )
+    geometry = volume.geometry
+    out = job.outputs
+    save_volume(result.reconstruction, geometry, out["_reconstruction.nii.gz"], overwrite=args.overwrite)
+    save_volume(result.residual, geometry, out["_residual.nii.gz"], overwrite=args.overwrite)
+    save_volume(result.mask, geometry, out["_mask.nii.gz"], labels=True, overwrite=args.overwrite)
+    write_lesion_csv(result.lesions, out["_lesions.csv"])
+    settings = dict(result.settings)
+    settings.setdefault("device", args.device)
+    settings["brain_mask_supplied"] = args.brain_mask is not None
+    record = provenance_record(job.source, ckpt, meta, settings, out, len(result.lesions))
+    # provenance last: its presence says the other four files are complete
+    _write_atomic(out["_provenance.json"], json.dumps(record, indent=2) + "\n")
+    return len(result.lesions)
+
+
+def _progress(total: int, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="segment", disable=quiet, file=sys.stderr)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Run ``napari-tae segment``; returns the number of failed inputs (capped)."""
+    out_dir = Path(args.out_dir)
+    files = find_inputs(args.inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: --out-dir exists and is not a folder")
+    if args.brain_mask is not None and not Path(args.brain_mask).exists():
+        raise CLIError(f"{args.brain_mask}: no such brain mask file or folder")
+    # the model is loaded once, before any file, so a bad checkpoint fails fast
+    model, meta, ckpt = _load_model(args.checkpoint, args.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs, failures = _plan_jobs(files, out_dir)
+    for source, problem in failures:
+        _logger.error("%s: %s", source, problem)
+    n_ok = 0
+    with _progress(len(jobs), args.quiet) as bar:
+        for job in jobs:
+            bar.set_postfix_str(job.source.name, refresh=False)
+            try:
+                _check_outputs(job, files, args.overwrite)
+                n_lesions = _segment_one(job, args, model, meta, ckpt)
+            except (CLIError, ValueError, OSError, RuntimeError) as exc:
+                # one bad file is reported by name on one line and skipped; the rest go on
+                message = _one_line(exc, job.source)
+                failures.append((job.source, message))
+                _logger.error("%s", message)
+            else:
+                n_ok += 1
+                _logger.info("%s: %d lesion(s) -> %s", job.source, n_lesions, out_dir)
+            bar.update(1)
+    n_failed = len(failures)
+    summary = f"{n_ok} of {len(files)} file(s) segmented into {out_dir}"
+    if n_failed:
+        _logger.error("%s; %d failed: %s", summary, n_failed, ", ".join(str(s) for s, _ in failures))
+    else:
+        _logger.info("%s", summary)
+    return min(n_failed, _MAX_EXIT)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def _param_count(model: Any) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _model_table() -> str:
+    """The zoo as text: the model engineer's table when available, else built here."""
+    from napari_tae import models
+
+    formatter = getattr(models, "format_model_table", None)
+    if formatter is not None:
+        return str(formatter())
+    lines = [f"{'model':<12} {'parameters':>12}  default config"]
+    for name in models.list_models():
+        n_params = _param_count(models.build_model(name))
+        config = json.dumps(models.model_defaults(name), sort_keys=True)
+        lines.append(f"{name:<12} {n_params:>12,}  {config}")
+    return "\n".join(lines)
+
+
+def bundled_summary() -> list[dict[str, Any]]:
+    """Name, file, size, model, calibration and training note of every bundled checkpoint."""
+    from napari_tae.checkpoint import bundled_checkpoints, read_metadata
+
+    rows = []
+    for name, path in sorted(bundled_checkpoints().items()):
+        meta = read_metadata(path)
+        rows.append(
+            {
+                "name": name,
+                "file": str(path),
+                "size_mb": round(Path(path).stat().st_size / 1e6, 2),
+                "model": meta.model_name,
+                "img_size": meta.img_size,
+                "weights_sha256": meta.sha256,
+                "calibration": meta.calibration,
+                "training_data": (meta.training or {}).get("data", (meta.training or {}).get("dataset")),
+            }
+        )
+    return rows
+
+
+def _format_calibration(calibration: dict[str, Any]) -> str:
+    if not calibration:
+        return "none (squash 1%)"
+    return ", ".join(f"{k}={float(v):.3g}%" for k, v in calibration.items())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Run ``napari-tae models``: the zoo, then the bundled checkpoints."""
+    bundled = bundled_summary()
+    if args.json:
+        from napari_tae import models
+
+        zoo = {}
+        for name in models.list_models():
+            zoo[name] = {
+                "defaults": models.model_defaults(name),
+                "parameters": _param_count(models.build_model(name)),
+            }
+        print(json.dumps({"models": zoo, "bundled": _plain(bundled)}, indent=2))
+        return 0
+    print("Models (paper default configs):")
+    print(_model_table())
+    print()
+    print("Bundled checkpoints (use the name with --checkpoint; 'intensity' needs none):")
+    if not bundled:
+        print("  none installed")
+    for row in bundled:
+        print(
+            f"  {row['name']:<24} {row['model']:<8} img {row['img_size']:<4} "
+            f"{row['size_mb']:>6.2f} MB  sha256 {row['weights_sha256']}"
+        )
+        print(f"  {'':<24} calibration (squash %): {_format_calibration(row['calibration'])}")
+        if row["training_data"]:
+            print(f"  {'':<24} trained on: {row['training_data']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run ``napari-tae demo``: napari with the sample volume, the widget and the default model."""
+    from napari_tae._demo import run_demo
+
+    return run_demo(checkpoint=args.checkpoint, screenshot=args.screenshot, device=args.device)
+
+
+# --------------------------------------------------------------------------------------------
+# parser and entry point
+
+
+def _positive_odd(text: str) -> int:
+    value = int(text)
+    if value < 1 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"median kernel must be a positive odd integer (got {value})")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``napari-tae`` parser with its ``segment``, ``models`` and ``demo`` subcommands."""
+    from napari_tae import __version__
+
+    # accepted before or after the subcommand; SUPPRESS keeps a subparser from resetting them
+    common = argparse.ArgumentParser(add_help=False)
+    verbosity = common.add_argument_group("logging").add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+        help="errors only, no progress bar",
+    )
+    parser = argparse.ArgumentParser(
+        prog="napari-tae",
+        description="Unsupervised brain-lesion segmentation in FLAIR MRI (Ghorbel et al. 2022). "
+        "Research software, not a medical device.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    seg = sub.add_parser(
+        "segment",
+        parents=[common],
+        help="segment NIfTI files or folders headlessly",
+        description="For each input writes <name>_reconstruction/_residual/_mask.nii.gz on the "
+        "input's grid, <name>_lesions.csv and <name>_provenance.json. Exit status: number of "
+        "failed inputs (capped at 125).",
+    )
+    io_group = seg.add_argument_group("input and output")
+    io_group.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or folders of them")
+    io_group.add_argument("-o", "--out-dir", required=True, help="output folder (created if missing)")
+    io_group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    io_group.add_argument(
+        "--brain-mask",
+        metavar="FILE_OR_DIR",
+        help="brain mask NIfTI for every input, or a folder of masks named like the inputs "
+        "(default: voxels differing from the background value)",
+    )
+    model_group = seg.add_argument_group("model")
+    model_group.add_argument(
+        "-m",
+        "--checkpoint",
+        required=True,
+        metavar="FILE_OR_NAME",
+        help="a .safetensors checkpoint, a bundled name (see 'napari-tae models') or 'intensity'",
+    )
+    model_group.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto"
+    )
+    post = seg.add_argument_group("post-processing")
+    post.add_argument("--median-kernel", type=_positive_odd, default=5, help="odd, 1 = off (default 5)")
+    post.add_argument(
+        "--median-mode", choices=("2d", "3d"), default="2d", help="per-slice or volume median (default 2d)"
+    )
+    post.add_argument(
+        "--squash",
+        type=_non_negative_float,
+        default=None,
+        metavar="Q",
+        help="threshold in percent of the intensity range (default: the checkpoint's calibrated "
+        "value, 1 without one)",
+    )
+    post.add_argument(
+        "--min-size", type=_non_negative_int, default=0, metavar="N", help="drop lesions under N voxels"
+    )
+    seg.set_defaults(func=cmd_segment)
+
+    models_parser = sub.add_parser("models", parents=[common], help="list models and bundled checkpoints")
+    models_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    models_parser.set_defaults(func=cmd_models)
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="open napari with the sample volume, the widget and the default model",
+    )
+    demo.add_argument(
+        "--screenshot",
+        metavar="FILE",
+        help="run the model, save a screenshot of the viewer to FILE and exit (headless use)",
+    )
+    demo.add_argument("--checkpoint", metavar="FILE_OR_NAME", default=None, help="default: bundled default")
+    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
+    logger = logging.getLogger("napari_tae")
+    if not any(getattr(h, "_napari_tae_cli", False) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler._napari_tae_cli = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("napari-tae: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    # our handler prints; the root logger must not print the same line again
+    logger.propagate = False
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines written through tqdm so they do not break the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``napari-tae``; returns the exit status (also used in-process by tests)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.quiet = bool(getattr(args, "quiet", False))
+    args.verbose = bool(getattr(args, "verbose", False))
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args))
+    except CLIError as exc:
+        _logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        _logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
