@@ -116,7 +116,8 @@ class Geometry:
             header = header.copy()
         ornt = io_orientation(affine)
         ras_affine = affine @ inv_ornt_aff(ornt, source_shape[:3])
-        ras_shape = np.asarray(source_shape[:3])[ornt[:, 0].astype(int)]
+        ras_shape = np.empty(3, dtype=int)
+        ras_shape[ornt[:, 0].astype(int)] = source_shape[:3]  # file axis i -> RAS axis ornt[i, 0]
         # reversing (R, A, S) gives napari's (S, A, R) order
         spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)[::-1]
         origin = ras_affine[:3, 3][::-1]
@@ -180,12 +181,14 @@ def _check_header(path: str, img: nib.Nifti1Image) -> tuple[int, ...]:
         raise VolumeError(
             path, f"absurd dimensions {shape[:3]} (at most {MAX_AXIS} voxels per axis)"
         )
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0) or np.any(zooms > MAX_SPACING):
-        raise VolumeError(path, f"invalid voxel size {tuple(zooms.tolist())} mm")
-    affine = img.affine
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise VolumeError(path, "invalid (singular or non-finite) affine in the header")
+    # voxel sizes as the affine has them (sform, else qform): that is what the layer scale uses
+    affine = np.asarray(img.affine, dtype=float)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all(np.isfinite(affine)) or np.any(zooms < 1e-6) or np.any(zooms > MAX_SPACING):
+        shown = tuple(round(float(z), 6) for z in zooms)
+        raise VolumeError(path, f"invalid voxel size {shown} mm in the header affine")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * float(np.prod(zooms)):
+        raise VolumeError(path, "invalid header affine (its axes are not independent)")
     return shape
 
 
@@ -217,7 +220,8 @@ def load_volume(path: str | os.PathLike) -> Volume:
     if os.path.getsize(path) == 0:
         raise VolumeError(path, "empty file")
     try:
-        img = nib.load(path, mmap=False)
+        # header only (lazy): dimensions are checked before any voxel is decompressed
+        img = nib.load(path)
     except (nib.filebasedimages.ImageFileError, gzip.BadGzipFile) as exc:
         raise VolumeError(path, f"not a NIfTI file ({_short(exc)})") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
@@ -226,9 +230,16 @@ def load_volume(path: str | os.PathLike) -> Volume:
         raise VolumeError(path, f"not a NIfTI file (read as {type(img).__name__})")
     shape = _check_header(path, img)
     try:
-        raw = np.asarray(img.dataobj)
-    except (EOFError, zlib.error, OSError, ValueError, gzip.BadGzipFile) as exc:
+        with open(path, "rb") as f:
+            blob = f.read()
+        if path.lower().endswith(".gz"):
+            # whole-stream decompression verifies gzip's CRC and length, which a partial read
+            # of the voxel bytes (what nibabel does) never reaches: bit rot would pass silently
+            blob = gzip.decompress(blob)
+        raw = np.asarray(type(img).from_bytes(blob).dataobj)
+    except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise VolumeError(path, f"truncated or corrupt file ({_short(exc)})") from None
+    del blob
     if raw.dtype.kind not in "biuf":
         raise VolumeError(path, f"unsupported data type {raw.dtype}")
     data = raw.astype(np.float32, copy=False)
