@@ -418,7 +418,7 @@ def lesion_table(
     centroids = np.stack(
         [np.bincount(lab, weights=c, minlength=n + 1)[1:] / sizes for c in coords], axis=1
     )
-    voxel_ml = float(np.prod(spacing_arr)) / 1000.0
+    voxel_mm3 = float(np.prod(spacing_arr))
     table = []
     for i in range(n):
         centroid = centroids[i]
@@ -426,7 +426,7 @@ def lesion_table(
             {
                 "label": i + 1,
                 "voxels": int(sizes[i]),
-                "volume_ml": float(sizes[i] * voxel_ml),
+                "volume_ml": float(sizes[i] * voxel_mm3 / 1000.0),
                 "max_residual": float(peak[i + 1]),
                 "mean_residual": float(total[i] / sizes[i]),
                 "centroid_voxel": tuple(float(c) for c in centroid),

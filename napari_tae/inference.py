@@ -1,0 +1,360 @@
+"""Running a reconstruction model on a FLAIR volume, batch by batch (torch; no napari, no Qt).
+
+Steps 4-9 of the evaluation protocol of Ghorbel et al. 2022, "Transformer based Models for
+Unsupervised Anomaly Segmentation in Brain MR Images" (https://arxiv.org/abs/2207.02059): axial
+slices prepared by :func:`napari_tae.preprocess.prepare_volume`, reconstructed by the model, mapped
+back to the native grid; residual, median filter, squash and connected components by
+:mod:`napari_tae.postprocess`.
+
+:func:`iter_reconstruct` is a generator that yields ``(slices_done, total)`` after every batch and
+returns the :class:`Reconstruction` as its ``StopIteration`` value, so a GUI worker can show
+progress and cancel by closing it, while :func:`reconstruct` and :func:`segment` consume the same
+generator headlessly (the CLI, training's calibration and tests). Results are written into arrays
+private to one run; a generator closed mid-run leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .postprocess import anomaly_mask, lesion_table, residual as residual_map
+from .preprocess import NormParams, brain_mask, fit_normalisation, prepare_volume
+
+__all__ = [
+    "DEVICE_CHOICES",
+    "Reconstruction",
+    "Segmentation",
+    "iter_reconstruct",
+    "reconstruct",
+    "segment",
+    "select_device",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: Values accepted by :func:`select_device` (plus ``"cuda:N"``).
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# device
+# --------------------------------------------------------------------------------------------
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def select_device(preference: str | torch.device = "auto") -> torch.device:
+    """The torch device to run on: ``"auto"`` picks cuda, then mps, then cpu.
+
+    Args:
+        preference: ``"auto"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"cpu"`` or a torch.device.
+
+    Raises:
+        ValueError: unknown name, or a device that this machine's torch cannot use.
+    """
+    if isinstance(preference, torch.device):
+        preference = str(preference)
+    name = str(preference).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise ValueError("Device 'mps' requested but Apple MPS is not available here.")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"Device {name!r} requested but CUDA is not available "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})."
+            )
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"Invalid CUDA device {name!r}; expected 'cuda' or 'cuda:N'.") from None
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"Device {name!r} requested but only {count} CUDA device(s) exist.")
+        return device
+    raise ValueError(f"Unknown device {preference!r}; choose one of {', '.join(DEVICE_CHOICES)} or cuda:N.")
+
+
+# --------------------------------------------------------------------------------------------
+# reconstruction
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Reconstruction:
+    """Model output on the native grid of the input volume.
+
+    ``normalised``, ``reconstruction`` and ``residual`` are (Z, Y, X) float32; ``brain`` is bool.
+    ``device`` and ``batch_size`` record what the run ended up using (after any OOM fallback).
+    """
+
+    normalised: np.ndarray
+    reconstruction: np.ndarray
+    residual: np.ndarray
+    brain: np.ndarray
+    norm: NormParams
+    device: str = "cpu"
+    batch_size: int = 0
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    # MPS (and older CUDA builds) report a plain RuntimeError
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None  # parameter-free (the intensity baseline)
+
+
+def _forward_batch(model: nn.Module, batch: np.ndarray, device: torch.device, amp: bool) -> np.ndarray:
+    """One batch (B, S, S) -> reconstruction (B, S, S) float32 on the CPU.
+
+    The grad/autocast modes are entered here, not around the generator's ``yield``: torch keeps
+    them per thread, and a suspended generator must not leave them switched on for its consumer.
+    """
+    x = torch.from_numpy(batch).unsqueeze(1).to(device)  # (B, S, S) -> B x 1 x S x S
+    # bf16 needs no loss scaling and is safe for inference; CPU/MPS run in float32
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if amp and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        out = model(x)
+    return out.float()[:, 0].cpu().numpy()
+
+
+def iter_reconstruct(
+    model: nn.Module,
+    volume_data: np.ndarray,
+    *,
+    brain: np.ndarray | None = None,
+    norm: NormParams | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    amp: bool = True,
+) -> Generator[tuple[int, int], None, Reconstruction]:
+    """Reconstruct a volume slice batch by slice batch; yields progress, returns the result.
+
+    Slices without brain are not sent to the model (their residual is 0 by definition); their
+    reconstruction is 0 and they count as done. On an out-of-memory error the batch size is halved
+    and the same batch retried, down to 1. The model is moved to ``device`` (and left there) and
+    put in eval mode for the run (its train/eval mode is restored afterwards).
+
+    Args:
+        model: A :class:`~napari_tae.layers.ReconstructionModel` (needs ``img_size``).
+        volume_data: (Z, Y, X) FLAIR volume in napari order, raw intensities.
+        brain: Optional brain mask (non-zero = brain); else guessed by ``prepare_volume``.
+        norm: Normalisation to use; else fitted on this volume's brain.
+        device: See :func:`select_device`.
+        batch_size: Slices per forward pass (upper bound, halves on OOM).
+        amp: bfloat16 autocast on CUDA (ignored elsewhere).
+
+    Yields:
+        ``(slices_done, total)`` after each batch; the last one is ``(total, total)``.
+
+    Returns:
+        :class:`Reconstruction` (as ``StopIteration.value``; :func:`reconstruct` unwraps it).
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = int(batch_size)
+    size = int(getattr(model, "img_size"))
+    device = select_device(device)
+    prepared = prepare_volume(volume_data, size, mask=brain, norm=norm)
+    total = prepared.slices.shape[0]
+    todo = np.flatnonzero(prepared.brain.reshape(total, -1).any(axis=1))
+    # private output buffer: nothing outside this run sees it before it is complete
+    recon_model = np.zeros_like(prepared.slices)
+
+    was_training = model.training
+    if _model_device(model) not in (None, device):
+        model.to(device)
+    model.eval()
+    try:
+        start = 0
+        while start < todo.size:
+            index = todo[start : start + batch_size]
+            try:
+                out = _forward_batch(model, prepared.slices[index], device, amp)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_out_of_memory(exc) or index.size == 1:
+                    raise
+                batch_size = index.size // 2  # of the batch that failed (the last may be short)
+                _logger.warning("out of memory on %s; retrying with batch size %d", device, batch_size)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            recon_model[index] = out
+            start += index.size
+            yield (int(todo[start]) if start < todo.size else total), total
+        if todo.size == 0:
+            yield total, total
+    finally:
+        model.train(was_training)
+
+    reconstruction = prepared.grid.to_native(recon_model)
+    return Reconstruction(
+        normalised=prepared.normalised,
+        reconstruction=reconstruction,
+        residual=residual_map(prepared.normalised, reconstruction, prepared.brain),
+        brain=prepared.brain,
+        norm=prepared.norm,
+        device=str(device),
+        batch_size=batch_size,
+    )
+
+
+def reconstruct(model: nn.Module, volume_data: np.ndarray, **kwargs: Any) -> Reconstruction:
+    """Headless :func:`iter_reconstruct`: runs it to the end and returns its result."""
+    gen = iter_reconstruct(model, volume_data, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+# --------------------------------------------------------------------------------------------
+# full headless pipeline
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Segmentation:
+    """Everything one segmentation run produced, on the input's native grid.
+
+    ``reconstruction``, ``residual`` and ``normalised`` are (Z, Y, X) float32, ``mask`` and
+    ``brain`` bool; ``lesions`` is :func:`napari_tae.postprocess.lesion_table`'s list; ``settings``
+    is a JSON-serialisable provenance record of how the result was made.
+    """
+
+    reconstruction: np.ndarray
+    residual: np.ndarray
+    mask: np.ndarray
+    lesions: list[dict[str, Any]]
+    settings: dict[str, Any]
+    normalised: np.ndarray | None = None
+    brain: np.ndarray | None = None
+    norm: NormParams | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams | None:
+    """Normalisation the checkpoint asks for: fixed numbers, or a per-volume fit's percentiles."""
+    pre = dict(getattr(meta, "preprocessing", None) or {})
+    if pre.get("normalisation", "per_volume") != "per_volume" and {"low", "high"} <= set(pre):
+        return NormParams.from_dict(pre)
+    if "upper_percentile" in pre:
+        lower = pre.get("lower_percentile")
+        kwargs = {} if lower is None else {"lower_percentile": float(lower)}
+        return fit_normalisation(data, brain, float(pre["upper_percentile"]), **kwargs)
+    return None
+
+
+def default_squash(meta: Any) -> tuple[float, str]:
+    """The checkpoint's calibrated squash (percent) and its source, else 1 % (the paper's S_1%)."""
+    calibration = getattr(meta, "calibration", None) or {}
+    if "default" in calibration:
+        return float(calibration["default"]), "calibrated"
+    return 1.0, "paper default"
+
+
+def segment(
+    volume: Any,
+    model: nn.Module,
+    meta: Any = None,
+    *,
+    kernel: int = 5,
+    squash: float | None = None,
+    mode: str = "2d",
+    min_size: int = 0,
+    brain: np.ndarray | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    amp: bool = True,
+) -> Segmentation:
+    """Full headless path: reconstruct, residual, mask and lesion table, with provenance.
+
+    Args:
+        volume: :class:`napari_tae.io.Volume` (its geometry gives mL and mm centroids), or a plain
+            (Z, Y, X) array (1 mm isotropic voxels at the origin assumed).
+        model: Reconstruction model (a checkpoint's, or ``build_model("intensity")``).
+        meta: :class:`napari_tae.checkpoint.CheckpointMeta` or None; gives the normalisation
+            settings and the calibrated default squash.
+        kernel, mode: Median filter (odd kernel, 1 = off; ``"2d"`` or ``"3d"``).
+        squash: Threshold in percent of the intensity range; None = the checkpoint's calibrated
+            ``"default"``, else 1.
+        min_size: Smallest connected component kept, in voxels.
+        brain: Optional brain mask; else guessed from the background.
+        device, batch_size, amp: As in :func:`iter_reconstruct`.
+    """
+    data = np.asarray(getattr(volume, "data", volume))
+    geometry = getattr(volume, "geometry", None)
+    spacing = tuple(float(s) for s in geometry.spacing) if geometry is not None else (1.0,) * data.ndim
+    origin = tuple(float(o) for o in geometry.origin) if geometry is not None else (0.0,) * data.ndim
+    if squash is None:
+        squash, squash_source = default_squash(meta)
+    else:
+        squash, squash_source = float(squash), "user"
+
+    t0 = time.perf_counter()
+    brain_arr = brain_mask(data, brain)
+    norm = _norm_from_meta(data, brain_arr, meta)
+    rec = reconstruct(
+        model, data, brain=brain_arr, norm=norm, device=device, batch_size=batch_size, amp=amp
+    )
+    t1 = time.perf_counter()
+    mask = anomaly_mask(
+        rec.residual, kernel=kernel, squash=squash, mode=mode, min_size=min_size, brain=rec.brain
+    )
+    lesions = lesion_table(mask, rec.residual, spacing, origin)
+    t2 = time.perf_counter()
+
+    settings = {
+        "model": getattr(meta, "model_name", None) or getattr(model, "model_name", "") or type(model).__name__,
+        "checkpoint_sha256": getattr(meta, "sha256", None),
+        "img_size": int(getattr(model, "img_size")),
+        "normalisation": rec.norm.to_dict(),
+        "brain_mask": "supplied" if brain is not None else "auto",
+        "median_kernel": int(kernel),
+        "median_mode": mode,
+        "squash": float(squash),
+        "squash_source": squash_source,
+        "calibration": dict(getattr(meta, "calibration", None) or {}),
+        "min_size": int(min_size),
+        "connectivity": 26,
+        "device": rec.device,
+        "batch_size": rec.batch_size,
+        "amp_bf16": bool(amp and rec.device.startswith("cuda")),
+    }
+    return Segmentation(
+        reconstruction=rec.reconstruction,
+        residual=rec.residual,
+        mask=mask,
+        lesions=lesions,
+        settings=settings,
+        normalised=rec.normalised,
+        brain=rec.brain,
+        norm=rec.norm,
+        timings={"reconstruct_s": t1 - t0, "postprocess_s": t2 - t1},
+    )

@@ -1,0 +1,225 @@
+"""Inference: batching, progress, cancel, OOM fallback, device choice and the headless pipeline,
+with tiny random-weight models on CPU."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from napari_tae import inference
+from napari_tae.inference import iter_reconstruct, reconstruct, segment, select_device
+from napari_tae.models import build_model
+from napari_tae.postprocess import anomaly_mask, lesion_table
+from napari_tae.preprocess import fit_normalisation, prepare_volume
+
+SHAPE = (7, 40, 52)  # (Z, Y, X), non-square slices, padded to a square before resizing
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    """A bright ellipsoid 'brain' on a zero background; first and last slices empty."""
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    brain = ((zz - 3) / 3.2) ** 2 + ((yy - 20) / 17) ** 2 + ((xx - 26) / 22) ** 2 < 1
+    data = (rng.normal(300, 40, SHAPE) * brain).astype(np.float32)
+    data[2:4, 15:20, 20:26] += 400  # a hyperintense "lesion"
+    data[0] = data[-1] = 0
+    assert brain[1:-1].any(axis=(1, 2)).all()
+    return data
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("b_tae", img_size=64, depth=1, embed_dim=32, num_heads=2)
+
+
+class CountingModel(nn.Module):
+    """Wraps a model; records batch sizes; raises CUDA OOM above ``max_batch`` (on any device)."""
+
+    def __init__(self, inner: nn.Module, max_batch: int | None = None, error: Exception | None = None):
+        super().__init__()
+        self.inner = inner
+        self.img_size = inner.img_size
+        self.max_batch = max_batch
+        self.error = error
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        if self.error is not None:
+            raise self.error
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return self.inner(x)
+
+
+def _run(gen):
+    """Consume a generator, returning (yields, return value)."""
+    yields = []
+    while True:
+        try:
+            yields.append(next(gen))
+        except StopIteration as stop:
+            return yields, stop.value
+
+
+def test_shapes_progress_and_residual(volume, model):
+    yields, rec = _run(iter_reconstruct(model, volume, device="cpu", batch_size=2))
+    total = SHAPE[0]
+    assert yields[-1] == (total, total)
+    assert all(t == total for _, t in yields)
+    done = [d for d, _ in yields]
+    assert done == sorted(done) and len(yields) == 3  # 5 brain slices in batches of 2
+    for arr in (rec.normalised, rec.reconstruction, rec.residual):
+        assert arr.shape == SHAPE and arr.dtype == np.float32
+    assert rec.brain.shape == SHAPE and rec.brain.dtype == bool
+    assert rec.device == "cpu" and rec.batch_size == 2
+
+    np.testing.assert_array_equal(
+        rec.residual, rec.brain * np.maximum(rec.normalised - rec.reconstruction, 0)
+    )
+    # independent path: the same prepared slices through the model, mapped back to the native grid
+    prepared = prepare_volume(volume, 64)
+    np.testing.assert_array_equal(rec.normalised, prepared.normalised)
+    with torch.no_grad():
+        out = model.eval()(torch.from_numpy(prepared.slices[1:-1, None]))[:, 0].numpy()
+    expected = prepared.grid.to_native(np.concatenate([np.zeros_like(out[:1]), out, np.zeros_like(out[:1])]))
+    np.testing.assert_allclose(rec.reconstruction, expected, atol=1e-5)
+    assert not rec.reconstruction[0].any() and not rec.reconstruction[-1].any()  # brainless slices skipped
+
+
+def test_batch_size_does_not_change_the_result(volume, model):
+    a = reconstruct(model, volume, device="cpu", batch_size=1)
+    b = reconstruct(model, volume, device="cpu", batch_size=16)
+    np.testing.assert_allclose(a.reconstruction, b.reconstruction, atol=1e-5)
+
+
+def test_close_mid_run_stops_and_leaves_nothing_behind(volume, model):
+    wrapped = CountingModel(model)
+    wrapped.train()  # the run switches to eval; closing must restore the caller's mode
+    gen = iter_reconstruct(wrapped, volume, device="cpu", batch_size=1)
+    assert wrapped.calls == []  # nothing runs before the first next()
+    assert next(gen) == (2, SHAPE[0])
+    assert not wrapped.training and not wrapped.inner.training
+    # the grad mode is not left switched off for the consumer between yields
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    gen.close()
+    assert wrapped.calls == [1]
+    assert wrapped.training and wrapped.inner.training
+    with pytest.raises(StopIteration):
+        next(gen)
+    model.eval()
+    # a fresh run after a cancelled one gives the full, normal result
+    np.testing.assert_array_equal(
+        reconstruct(wrapped, volume, device="cpu").reconstruction,
+        reconstruct(model, volume, device="cpu").reconstruction,
+    )
+
+
+def test_out_of_memory_halves_batch_and_retries(volume, model):
+    wrapped = CountingModel(model, max_batch=2)
+    rec = reconstruct(wrapped, volume, device="cpu", batch_size=8)
+    assert rec.batch_size == 2
+    assert wrapped.calls == [5, 2, 2, 1]  # the 5 brain slices fail as one batch, then halves
+    reference = reconstruct(model, volume, device="cpu", batch_size=2)
+    np.testing.assert_array_equal(rec.reconstruction, reference.reconstruction)
+    np.testing.assert_array_equal(rec.residual, reference.residual)
+
+
+def test_out_of_memory_at_batch_one_and_other_errors_propagate(volume, model):
+    always = CountingModel(model, max_batch=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        reconstruct(always, volume, device="cpu", batch_size=4)
+    assert always.calls == [4, 2, 1]
+    broken = CountingModel(model, error=RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        reconstruct(broken, volume, device="cpu", batch_size=4)
+    assert broken.calls == [4]  # not mistaken for an out-of-memory error
+
+
+def test_intensity_baseline_residual_is_normalised_input(volume):
+    intensity = build_model("intensity", img_size=64)
+    rec = reconstruct(intensity, volume, device="cpu")
+    assert not rec.reconstruction.any()
+    np.testing.assert_array_equal(rec.residual, rec.normalised)
+    assert rec.normalised.max() == pytest.approx(1.0) and rec.normalised.min() == 0.0
+
+
+def test_segment_headless_pipeline(volume, model):
+    geometry = SimpleNamespace(spacing=(2.0, 1.0, 0.5), origin=(-5.0, 10.0, 3.0))
+    vol = SimpleNamespace(data=volume, geometry=geometry)
+    meta = SimpleNamespace(
+        model_name="b_tae",
+        sha256="abc123",
+        calibration={"p99": 3.5, "p99.5": 5.0, "p99.9": 9.0, "default": 3.5},
+        preprocessing={"normalisation": "per_volume", "upper_percentile": 99.0},
+    )
+    seg = segment(vol, model, meta, kernel=3, min_size=2, device="cpu")
+    assert seg.settings["squash"] == 3.5 and seg.settings["squash_source"] == "calibrated"
+    brain = volume != 0
+    assert seg.norm == fit_normalisation(volume, brain, 99.0)
+    rec = reconstruct(model, volume, brain=brain, norm=seg.norm, device="cpu")
+    np.testing.assert_array_equal(seg.residual, rec.residual)
+    expected = anomaly_mask(rec.residual, kernel=3, squash=3.5, min_size=2, brain=rec.brain)
+    np.testing.assert_array_equal(seg.mask, expected)
+    assert seg.lesions == lesion_table(expected, rec.residual, geometry.spacing, geometry.origin)
+    json.dumps(seg.settings)  # provenance must be JSON-serialisable
+    assert seg.settings["checkpoint_sha256"] == "abc123" and seg.settings["median_kernel"] == 3
+
+    # no calibration: the paper's 1 %; the intensity baseline takes the same path
+    plain = segment(volume, build_model("intensity", img_size=64), None, device="cpu")
+    assert plain.settings["squash"] == 1.0 and plain.settings["squash_source"] == "paper default"
+    np.testing.assert_array_equal(plain.mask, anomaly_mask(plain.normalised, squash=1.0, brain=plain.brain))
+    assert plain.lesions and plain.lesions[0]["volume_ml"] == pytest.approx(plain.lesions[0]["voxels"] / 1000)
+    user = segment(volume, build_model("intensity", img_size=64), meta, squash=50.0, device="cpu")
+    assert user.settings["squash"] == 50.0 and user.mask.sum() < plain.mask.sum()
+
+
+def _availability(monkeypatch, cuda: bool, mps: bool, count: int = 1) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count if cuda else 0)
+    monkeypatch.setattr(inference, "_mps_available", lambda: mps)
+
+
+@pytest.mark.parametrize(
+    "cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]
+)
+def test_select_device_auto_order(monkeypatch, cuda, mps, expected):
+    _availability(monkeypatch, cuda, mps)
+    assert select_device("auto") == torch.device(expected)
+    assert select_device("cpu") == torch.device("cpu")
+
+
+def test_select_device_explicit(monkeypatch):
+    _availability(monkeypatch, cuda=True, mps=False, count=2)
+    assert select_device("cuda:1") == torch.device("cuda:1")
+    assert select_device(" CUDA ") == torch.device("cuda")
+    with pytest.raises(ValueError, match="only 2 CUDA"):
+        select_device("cuda:2")
+    with pytest.raises(ValueError, match="MPS is not available"):
+        select_device("mps")
+    with pytest.raises(ValueError, match="Unknown device 'tpu'"):
+        select_device("tpu")
+    _availability(monkeypatch, cuda=False, mps=False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        select_device("cuda")
+
+
+def test_bad_batch_size(volume, model):
+    with pytest.raises(ValueError, match="batch_size"):
+        reconstruct(model, volume, device="cpu", batch_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_close_to_cpu(volume, model):
+    cpu = reconstruct(model, volume, device="cpu")
+    gpu = reconstruct(model, volume, device="cuda", amp=True)
+    assert gpu.device.startswith("cuda")
+    np.testing.assert_allclose(gpu.reconstruction, cpu.reconstruction, atol=0.05)
+    model.to("cpu")
