@@ -1,0 +1,213 @@
+"""Reader/writer contributions, headless and through napari itself, plus the real MS volume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_tae._reader import (
+    RADIOLOGICAL_ORIENTATION,
+    contrast_limits,
+    napari_get_reader,
+    read_nifti,
+    set_radiological_view,
+)
+from napari_tae._writer import write_image, write_labels
+from napari_tae.io import GEOMETRY_KEY, Geometry, VolumeError, load_volume, save_volume
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "mslub_patient07"
+REAL = REAL if REAL.exists() else Path("/work/shared/data/real/mslub_patient07")
+FLAIR = REAL / "FLAIR.nii.gz"
+LESIONS = REAL / "lesion_mask.nii.gz"
+
+# LPS, anisotropic, with a non-trivial origin
+LPS = np.array(
+    [[-0.9, 0.0, 0.0, 60.0], [0.0, -1.1, 0.0, 80.0], [0.0, 0.0, 3.0, -40.0], [0, 0, 0, 1]]
+)
+SHAPE = (24, 30, 9)
+
+
+def _brainish(shape=SHAPE) -> np.ndarray:
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = sum(g**2 for g in grids) < 0.8
+    values = 100 + 50 * grids[0] + 20 * grids[1]
+    return np.where(inside, values, 0).astype(np.float32)
+
+
+@pytest.fixture
+def lps_file(tmp_path) -> str:
+    img = nib.Nifti1Image(_brainish(), LPS)
+    img.header.set_qform(LPS, code=1)
+    img.header.set_sform(LPS, code=2)
+    path = tmp_path / "src" / "flair.nii.gz"
+    path.parent.mkdir()
+    nib.save(img, path)
+    return os.fspath(path)
+
+
+# ------------------------------------------------------------------ headless contributions
+@pytest.mark.parametrize(
+    "path", ["a.png", "a.nii.txt", "nii", "scan.tif", ["a.nii", "b.png"], []]
+)
+def test_reader_declines_non_nifti(path):
+    assert napari_get_reader(path) is None
+
+
+@pytest.mark.parametrize("path", ["a.nii", "b.nii.gz", "C.NII.GZ", ["a.nii", "b.nii.gz"]])
+def test_reader_accepts_nifti(path):
+    assert napari_get_reader(path) is read_nifti
+
+
+def test_reader_layer_geometry(lps_file):
+    [(data, kwargs, layer_type)] = napari_get_reader(lps_file)(lps_file)
+    assert layer_type == "image"
+    assert data.shape == (9, 30, 24)  # (S, A, R)
+    # LPS file: R runs along -i, A along -j; voxel sizes (S, A, R) = (3, 1.1, 0.9)
+    assert kwargs["scale"] == pytest.approx((3.0, 1.1, 0.9))
+    assert kwargs["translate"] == pytest.approx((-40.0, 80 - 1.1 * 29, 60 - 0.9 * 23))
+    assert kwargs["units"] == ("mm", "mm", "mm")
+    assert kwargs["axis_labels"] == ("S", "A", "R")
+    assert kwargs["name"] == "flair"
+    assert isinstance(kwargs["metadata"][GEOMETRY_KEY], Geometry)
+    lo, hi = kwargs["contrast_limits"]
+    brain = data[data != 0]
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(brain, [1, 99.5])))
+
+
+def test_reader_broken_file_raises_volume_error(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    reader = napari_get_reader(os.fspath(bad))
+    with pytest.raises(VolumeError, match="broken.nii.gz"):
+        reader(os.fspath(bad))
+
+
+def test_contrast_limits_flat_volume_falls_back_to_range():
+    data = np.zeros((4, 5, 6), np.float32)
+    data[0, 0, 1] = 5.0  # tiny object: percentiles of it are flat
+    assert contrast_limits(data) == (0.0, 5.0)
+
+
+def test_writers_headless(lps_file, tmp_path):
+    [(data, kwargs, _)] = read_nifti(lps_file)
+    mask = (data > 120).astype(np.uint8)
+    meta = {"metadata": kwargs["metadata"], "scale": kwargs["scale"], "name": "m"}
+    out = write_labels(os.fspath(tmp_path / "mask.nii.gz"), mask, meta)
+    assert out == [os.fspath(tmp_path / "mask.nii.gz")]
+    img = nib.load(out[0])
+    src = nib.load(lps_file)
+    assert img.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, src.affine)
+    np.testing.assert_array_equal(img.get_fdata(), (src.get_fdata() > 120).astype(np.uint8))
+    # image writer: float32, and the geometry's source is protected even though napari's dialog
+    # already asked about overwriting
+    out = write_image(os.fspath(tmp_path / "img.nii"), data, meta)
+    assert nib.load(out[0]).get_data_dtype() == np.float32
+    with pytest.raises(VolumeError, match="source"):
+        write_image(lps_file, data, meta)
+    # a layer without geometry: scale/translate only
+    plain = write_labels(
+        os.fspath(tmp_path / "plain.nii.gz"), mask, {"scale": (2.0, 1.0, 0.5), "translate": (1, 2, 3)}
+    )
+    np.testing.assert_allclose(
+        nib.load(plain[0]).affine, [[0.5, 0, 0, 3], [0, 1, 0, 2], [0, 0, 2, 1], [0, 0, 0, 1]]
+    )
+    with pytest.raises(VolumeError, match="doesn't match"):
+        write_labels(os.fspath(tmp_path / "crop.nii.gz"), mask[1:], meta)
+
+
+def test_npe2_validate():
+    npe2 = shutil.which("npe2", path=os.path.dirname(sys.executable)) or shutil.which("npe2")
+    assert npe2, "npe2 command not found next to the interpreter"
+    result = subprocess.run(
+        [npe2, "validate", "napari_tae"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in result.stdout
+
+
+# ------------------------------------------------------------------ through napari itself
+def test_open_and_save_through_napari(make_napari_viewer, lps_file, tmp_path):
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(lps_file, plugin="napari-tae")
+    vol = load_volume(lps_file)
+    np.testing.assert_allclose(layer.scale, vol.geometry.spacing)
+    np.testing.assert_allclose(layer.translate, vol.geometry.origin)
+    assert tuple(layer.axis_labels) == ("S", "A", "R")
+    assert all(str(u) == "millimeter" for u in layer.units)
+    assert tuple(map(str, viewer.camera.orientation)) == RADIOLOGICAL_ORIENTATION
+    # napari's data -> world mapping lands each voxel where the file's affine puts it
+    src = nib.load(lps_file)
+    for ijk in [(0, 0, 0), (23, 29, 8), (5, 17, 2)]:
+        ras = (src.affine @ np.r_[ijk, 1.0])[:3]
+        zyx = (ijk[2], 29 - ijk[1], 23 - ijk[0])  # LPS -> (S, A, R) index
+        np.testing.assert_allclose(layer.data_to_world(zyx), ras[::-1], atol=1e-5)
+
+    labels = viewer.add_labels(
+        (layer.data > 120).astype(np.uint8),
+        scale=layer.scale,
+        translate=layer.translate,
+        metadata={GEOMETRY_KEY: layer.metadata[GEOMETRY_KEY]},
+        name="lesions",
+    )
+    out = os.fspath(tmp_path / "lesions.nii.gz")
+    viewer.layers.selection = {labels}
+    saved = viewer.layers.save(out, selected=True, plugin="napari-tae")
+    assert saved == [out]
+    written = nib.load(out)
+    hdr, src_hdr = written.header, src.header
+    assert written.get_data_dtype() == np.uint8
+    assert written.shape == src.shape
+    np.testing.assert_allclose(written.affine, src.affine)
+    assert (int(hdr["qform_code"]), int(hdr["sform_code"])) == (1, 2)
+    np.testing.assert_allclose(hdr.get_qform(), src_hdr.get_qform(), atol=1e-6)
+    np.testing.assert_allclose(hdr.get_sform(), src_hdr.get_sform(), atol=1e-6)
+    np.testing.assert_array_equal(written.get_fdata(), src.get_fdata() > 120)
+    assert sorted(os.listdir(tmp_path)) == ["lesions.nii.gz", "src"]  # no temporary left behind
+
+    # the image layer through napari's writer machinery, then read back through the reader
+    image_out = os.fspath(tmp_path / "copy.nii")
+    viewer.layers.selection = {layer}
+    assert viewer.layers.save(image_out, selected=True, plugin="napari-tae") == [image_out]
+    [again] = viewer.open(image_out, plugin="napari-tae")
+    np.testing.assert_array_equal(again.data, layer.data)
+    np.testing.assert_allclose(again.translate, layer.translate)
+
+
+def test_set_radiological_view_on_plain_viewer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    set_radiological_view(viewer)
+    assert tuple(map(str, viewer.camera.orientation2d)) == ("up", "left")
+
+
+# ------------------------------------------------------------------ real MS volume
+@pytest.mark.skipif(not FLAIR.exists(), reason="real MS volume not present")
+def test_real_ms_volume_geometry(tmp_path):
+    vol = load_volume(FLAIR)
+    img = nib.load(FLAIR)
+    geo = vol.geometry
+    # LAS 1 mm MNI-like grid, 182 x 218 x 182
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+    assert geo.shape == (182, 218, 182) and geo.spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert geo.origin == pytest.approx((-72.0, -126.0, 90.0 - 181.0))
+    assert geo.source_shape == img.shape
+    np.testing.assert_allclose(geo.source_affine, img.affine)
+    # the same voxel, two ways: napari (S, A, R) index vs the file's (i, j, k)
+    disk = img.get_fdata(dtype=np.float32)
+    i, j, k = 100, 120, 80
+    np.testing.assert_array_equal(vol.data[k, j, 181 - i], disk[i, j, k])
+
+    if LESIONS.exists():
+        lesions = load_volume(LESIONS)
+        assert lesions.geometry.shape == geo.shape
+        out = tmp_path / "lesions_copy.nii.gz"
+        save_volume(lesions.data, geo, out, labels=True)
+        np.testing.assert_array_equal(nib.load(out).get_fdata(), nib.load(LESIONS).get_fdata())
+        np.testing.assert_allclose(nib.load(out).affine, img.affine)
