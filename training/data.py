@@ -30,6 +30,8 @@ __all__ = [
     "VolumeSlices",
     "load_slices",
     "iter_batches",
+    "norm_settings",
+    "fit_volume_norm",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -204,7 +206,7 @@ def _load_lesion(path: Path, shape: tuple[int, ...], volume_path: Path) -> np.nd
 
 def load_slices(paths: Sequence[Path], img_size: int, *, min_brain_fraction: float = 0.1,
                 lesion_masks: Sequence[Path | None] | None = None,
-                upper_percentile: float | None = None) -> SliceDataset:
+                norm: dict[str, float] | None = None) -> SliceDataset:
     """Load, preprocess and keep the usable slices of ``paths``.
 
     Args:
@@ -213,7 +215,7 @@ def load_slices(paths: Sequence[Path], img_size: int, *, min_brain_fraction: flo
         min_brain_fraction: drop slices whose brain area is below this fraction of the volume's
             largest axial brain area (top/bottom of the head, mostly background).
         lesion_masks: per volume a lesion mask (or None); slices touching a lesion are dropped.
-        upper_percentile: normalisation percentile; None uses the preprocess default.
+        norm: per-volume normalisation settings (:func:`norm_settings`; None = defaults).
 
     Raises:
         InputError: a volume cannot be read (message names it), or nothing usable remains.
@@ -230,7 +232,7 @@ def load_slices(paths: Sequence[Path], img_size: int, *, min_brain_fraction: flo
             msg = str(exc)
             raise InputError(msg if str(path.name) in msg else f"{path}: {msg}") from None
         try:
-            prepared = _prepare(volume.data, img_size, upper_percentile)
+            prepared = _prepare(volume.data, img_size, norm)
         except ValueError as exc:  # e.g. an empty brain mask
             raise InputError(f"{path}: {exc}") from None
         area = prepared.mask_slices.reshape(prepared.mask_slices.shape[0], -1).sum(axis=1)
@@ -251,14 +253,34 @@ def load_slices(paths: Sequence[Path], img_size: int, *, min_brain_fraction: flo
     return SliceDataset(torch.cat(chunks), records)
 
 
-def _prepare(data: np.ndarray, img_size: int, upper_percentile: float | None):
-    """prepare_volume, fitting the normalisation with ``upper_percentile`` when it is given."""
-    from napari_tae.preprocess import brain_mask, fit_normalisation, prepare_volume
+def norm_settings(upper_percentile: float | None = None,
+                  lower_percentile: float | None = None) -> dict[str, float]:
+    """Per-volume normalisation settings, defaults from :func:`fit_normalisation`'s signature."""
+    import inspect
 
-    if upper_percentile is None:
-        return prepare_volume(data, size=img_size)
+    from napari_tae.preprocess import fit_normalisation
+
+    params = inspect.signature(fit_normalisation).parameters
+    return {
+        "upper_percentile": float(params["upper_percentile"].default if upper_percentile is None
+                                  else upper_percentile),
+        "lower_percentile": float(params["lower_percentile"].default if lower_percentile is None
+                                  else lower_percentile),
+    }
+
+
+def fit_volume_norm(data: np.ndarray, settings: dict[str, float]):
+    """Brain mask and this volume's normalisation, fitted as the plugin fits it from a checkpoint."""
+    from napari_tae.preprocess import brain_mask, fit_normalisation
+
     brain = brain_mask(data)
-    norm = fit_normalisation(data, brain, upper_percentile=upper_percentile)
+    return brain, fit_normalisation(data, brain, settings["upper_percentile"], settings["lower_percentile"])
+
+
+def _prepare(data: np.ndarray, img_size: int, settings: dict[str, float] | None):
+    from napari_tae.preprocess import prepare_volume
+
+    brain, norm = fit_volume_norm(data, settings or norm_settings())
     return prepare_volume(data, size=img_size, mask=brain, norm=norm)
 
 

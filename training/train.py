@@ -33,8 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from training.data import (InputError, SliceDataset, collate_batch, iter_batches, load_slices,
-                           pair_by_name, resolve_volumes, split_by_volume, volume_stem)
+from training.data import (InputError, SliceDataset, collate_batch, fit_volume_norm, iter_batches,
+                           load_slices, norm_settings, pair_by_name, resolve_volumes, split_by_volume)
 
 __all__ = [
     "NonFiniteLossError",
@@ -195,7 +195,10 @@ class DistInfo:
 def _select_device(preference: str) -> torch.device:
     from napari_tae.inference import select_device
 
-    return select_device(preference)
+    try:
+        return select_device(preference)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"--device {preference}: {str(exc).splitlines()[0]}") from None
 
 
 def setup_distributed(device_pref: str) -> DistInfo:
@@ -242,6 +245,9 @@ class _TrainForward(nn.Module):
 
 
 def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on an interactive terminal (rank 0); None means: log progress lines instead."""
+    if not enabled or not sys.stderr.isatty():
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # plain logging fallback
@@ -326,7 +332,7 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
             if bar is not None:
                 bar.update(step + 1 - bar.n)
                 bar.set_postfix(loss=f"{mean:.5f}")
-            elif dist_info.is_main:
+            elif dist_info.is_main and (step + 1) % max(log_interval, n_steps // 4 or 1) < log_interval:
                 _logger.info("epoch %d step %d/%d loss %.5f", epoch + 1, step + 1, n_steps, mean)
         t_data = time.perf_counter()
     if bar is not None:
@@ -379,11 +385,12 @@ def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, device
 
 def calibrate_model(model: nn.Module, volumes: list[Path], *, lesion_masks: list[Path | None] | None = None,
                     device: torch.device | str = "cpu", kernel: int = 5, mode: str = "2d",
-                    upper_percentile: float | None = None, batch_size: int = 8) -> dict:
+                    norm: dict[str, float] | None = None, batch_size: int = 8) -> dict[str, float]:
     """Residual percentiles on healthy volumes through the shared pipeline (percent units).
 
-    Lesion voxels (when masks are given) are left out of the brain so they do not inflate the
-    thresholds.
+    Each volume is normalised the way the plugin normalises it from the checkpoint (per volume,
+    with ``norm``'s percentiles). Lesion voxels (when masks are given) are left out of the brain so
+    they do not inflate the thresholds.
     """
     import numpy as np
 
@@ -395,18 +402,13 @@ def calibrate_model(model: nn.Module, volumes: list[Path], *, lesion_masks: list
     lesion_masks = lesion_masks or [None] * len(volumes)
     for path, lesion_path in zip(volumes, lesion_masks):
         data = load_volume(path).data
-        kwargs: dict[str, Any] = {"device": device, "batch_size": batch_size}
-        if upper_percentile is not None:
-            from napari_tae.preprocess import brain_mask, fit_normalisation
-
-            brain = brain_mask(data)
-            kwargs.update(brain=brain, norm=fit_normalisation(data, brain, upper_percentile))
-        rec = reconstruct(model, data, **kwargs)
-        brain = rec.brain
+        brain, volume_norm = fit_volume_norm(data, norm or norm_settings())
+        rec = reconstruct(model, data, brain=brain, norm=volume_norm, device=device, batch_size=batch_size)
+        brain = np.asarray(rec.brain, bool)
         if lesion_path is not None:
             brain = brain & ~(load_volume(lesion_path).data > 0)
         residuals.append(rec.residual)
-        brains.append(np.asarray(brain, bool))
+        brains.append(brain)
     return {k: float(v) for k, v in calibrate(residuals, brains, kernel=kernel, mode=mode).items()}
 
 
@@ -502,6 +504,10 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.upper_percentile is not None and not 50 < args.upper_percentile <= 100:
+        raise InputError(f"--upper-percentile must be in (50, 100], got {args.upper_percentile}")
+    if not 0 <= args.min_brain_fraction < 1:
+        raise InputError(f"--min-brain-fraction must be in [0, 1), got {args.min_brain_fraction}")
     if not args.lr > 0:  # also rejects NaN (an infinite lr is allowed: it stops at the NaN check)
         raise InputError(f"--lr must be > 0, got {args.lr}")
 
@@ -598,10 +604,11 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     if dist_info.is_main:
         _logger.info("loading %d training and %d validation volumes at %d x %d",
                      len(inputs.train), len(inputs.val), img_size, img_size)
+    norm = norm_settings(args.upper_percentile)
     train_set = load_slices(inputs.train, img_size, min_brain_fraction=args.min_brain_fraction,
-                            lesion_masks=inputs.train_lesions, upper_percentile=args.upper_percentile)
+                            lesion_masks=inputs.train_lesions, norm=norm)
     val_set = load_slices(inputs.val, img_size, min_brain_fraction=args.min_brain_fraction,
-                          lesion_masks=inputs.val_lesions, upper_percentile=args.upper_percentile)
+                          lesion_masks=inputs.val_lesions, norm=norm)
     if dist_info.is_main:
         _logger.info("%d training slices (%.0f MiB), %d validation slices", len(train_set),
                      train_set.slices.numel() * 2 / 2**20, len(val_set))
@@ -696,9 +703,10 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
         _logger.info("calibrating on %d healthy validation volume(s)", len(inputs.val))
         calibration = calibrate_model(model, inputs.val, lesion_masks=inputs.val_lesions,
                                       device=device, kernel=args.calib_kernel, mode=args.calib_mode,
-                                      upper_percentile=args.upper_percentile,
-                                      batch_size=args.batch_size)
-        preprocessing = _preprocessing_record(args, img_size)
+                                      norm=norm, batch_size=args.batch_size)
+        preprocessing = {"normalisation": "per_volume", **norm, "img_size": img_size,
+                         "slice_axis": "axial", "brain_mask": "non_background",
+                         "min_brain_fraction": args.min_brain_fraction}
         training = {
             "epochs": len(history), "best_epoch": best_epoch + 1, "best_val_loss": best_val,
             "loss": "mae" + "".join(f"+{k[len('train_'):]}" for k in history[-1]
@@ -720,21 +728,6 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     if dist_info.enabled:
         dist.barrier()
     return model
-
-
-def _preprocessing_record(args: argparse.Namespace, img_size: int) -> dict[str, Any]:
-    """How inputs are normalised: per volume, fit on its own brain (settings, not numbers)."""
-    from napari_tae.preprocess import NormParams
-
-    default_pct = NormParams.__dataclass_fields__["upper_percentile"].default
-    return {
-        "normalisation": "per_volume",
-        "upper_percentile": float(args.upper_percentile if args.upper_percentile is not None else default_pct),
-        "img_size": img_size,
-        "slice_axis": "axial",
-        "brain_mask": "non_background",
-        "min_brain_fraction": args.min_brain_fraction,
-    }
 
 
 def _write_args(path: Path, args: argparse.Namespace) -> None:
