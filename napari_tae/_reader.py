@@ -17,8 +17,13 @@ import numpy as np
 from napari_tae.io import is_nifti_path, layer_kwargs, load_volume
 from napari_tae.preprocess import brain_mask
 
-__all__ = ["RADIOLOGICAL_ORIENTATION", "contrast_limits", "napari_get_reader", "read_nifti",
-           "set_radiological_view"]
+__all__ = [
+    "RADIOLOGICAL_ORIENTATION",
+    "contrast_limits",
+    "napari_get_reader",
+    "read_nifti",
+    "set_radiological_view",
+]
 
 LayerData = tuple[Any, dict[str, Any], str]
 PathOrPaths = str | Sequence[str]

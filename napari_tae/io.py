@@ -31,6 +31,7 @@ __all__ = [
     "Geometry",
     "Volume",
     "VolumeError",
+    "is_nifti_path",
     "layer_kwargs",
     "load_volume",
     "save_volume",
