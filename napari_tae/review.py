@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,12 @@ __all__ = [
     "MaskResult",
     "PostSettings",
     "ReviewState",
-    "calibrated_squash",
     "compute_mask",
     "export_paths",
     "export_results",
     "file_sha256",
+    "inference_job",
+    "load_model",
     "provenance",
     "write_lesion_csv",
 ]
@@ -90,15 +92,6 @@ class PostSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def calibrated_squash(calibration: dict | None) -> float:
-    """Default squash: the checkpoint's calibrated ``default`` (percent), else 1 %."""
-    if calibration:
-        value = calibration.get("default")
-        if isinstance(value, (int, float)) and np.isfinite(value):
-            return float(value)
-    return 1.0
 
 
 class EditRecord:
@@ -293,6 +286,49 @@ class ReviewState:
     def current_lesions(self, layer_data: np.ndarray) -> list[dict]:
         """Lesion table of the mask as it is now in the layer (manual edits included)."""
         return lesion_table(np.asarray(layer_data) > 0, self.residual, self.spacing, self.origin)
+
+
+# --------------------------------------------------------------------------------------------
+# running the network (torch imported lazily: opening the widget must not pay for it)
+# --------------------------------------------------------------------------------------------
+def load_model(spec: str) -> tuple[Any, Any]:
+    """``(model, meta)`` for ``"intensity"`` (meta None), a bundled name or a checkpoint path."""
+    if spec == "intensity":
+        from napari_tae.models import build_model
+
+        return build_model("intensity"), None
+    from napari_tae.checkpoint import bundled_checkpoints, load_checkpoint
+
+    path = bundled_checkpoints().get(spec, spec)
+    return load_checkpoint(path, device="cpu")
+
+
+def inference_job(
+    spec: str,
+    data: np.ndarray,
+    *,
+    brain: np.ndarray | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+) -> Generator[tuple[int, int], None, tuple[Any, Any, str]]:
+    """Generator for a napari thread worker: yields ``(slices_done, total)`` per batch.
+
+    Returns ``(Reconstruction, meta, device)``. Stopping the generator between yields (the
+    worker's ``quit()``) abandons the run without any partial result escaping.
+    """
+    from napari_tae import inference
+    from napari_tae.preprocess import brain_mask
+
+    model, meta = load_model(spec)
+    dev = inference.select_device(device)
+    # the same brain mask and normalisation as the headless inference.segment, so the widget and
+    # the CLI give identical masks (_norm_from_meta is private there; see the issue-5 report)
+    brain = brain_mask(data, brain)
+    norm = inference._norm_from_meta(data, brain, meta)
+    rec = yield from inference.iter_reconstruct(
+        model, data, brain=brain, norm=norm, device=dev, batch_size=batch_size
+    )
+    return rec, meta, str(dev)
 
 
 # --------------------------------------------------------------------------------------------

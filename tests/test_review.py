@@ -15,7 +15,6 @@ from napari_tae.review import (
     Generation,
     PostSettings,
     ReviewState,
-    calibrated_squash,
     compute_mask,
     export_paths,
     export_results,
@@ -44,13 +43,6 @@ def test_generation():
     assert not g.is_current(a) and g.is_current(b)
     g.invalidate()
     assert not g.is_current(b)
-
-
-def test_calibrated_squash():
-    assert calibrated_squash({}) == 1.0
-    assert calibrated_squash(None) == 1.0
-    assert calibrated_squash({"default": 3.5, "p99": 3.5}) == 3.5
-    assert calibrated_squash({"default": float("nan")}) == 1.0
 
 
 def test_min_voxels():
