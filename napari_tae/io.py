@@ -33,6 +33,7 @@ __all__ = [
     "VolumeError",
     "is_nifti_path",
     "layer_kwargs",
+    "load_mask",
     "load_volume",
     "save_volume",
 ]
@@ -193,13 +194,15 @@ def _check_header(path: str, img: nib.Nifti1Image) -> tuple[int, ...]:
     return shape
 
 
-def load_volume(path: str | os.PathLike) -> Volume:
+def load_volume(path: str | os.PathLike, *, allow_constant: bool = False) -> Volume:
     """Load a 3D NIfTI volume in canonical RAS, napari order ``(S, A, R)``, as float32.
 
     Parameters
     ----------
     path : str or os.PathLike
         A ``.nii`` or ``.nii.gz`` file with a 3D volume or a 4D volume with one time point.
+    allow_constant : bool
+        Accept constant data: an all-zero lesion mask is valid, a constant image is not.
 
     Returns
     -------
@@ -249,11 +252,16 @@ def load_volume(path: str | os.PathLike) -> Volume:
         n_bad = int(data.size - np.count_nonzero(finite))
         raise VolumeError(path, f"{n_bad} NaN/Inf voxels (non-finite data are refused)")
     lo, hi = float(data.min()), float(data.max())
-    if lo == hi:
+    if lo == hi and not allow_constant:
         raise VolumeError(path, f"constant volume (every voxel is {lo:g})")
     geometry = Geometry.from_affine(img.affine, shape, img.header, source_path=path)
     canonical = np.ascontiguousarray(geometry.from_source(data))
     return Volume(data=canonical, geometry=geometry)
+
+
+def load_mask(path: str | os.PathLike) -> Volume:
+    """Load a mask or label volume (an empty mask is allowed); ``data`` holds the label values."""
+    return load_volume(path, allow_constant=True)
 
 
 def _short(exc: BaseException) -> str:

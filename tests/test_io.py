@@ -356,3 +356,13 @@ def test_bad_file_gives_one_line_error(tmp_path, kind):
     assert "\n" not in message
     assert word.lower() in message.lower(), message
     assert sorted(os.listdir(folder)) == listing  # nothing written next to the input
+
+
+def test_load_mask_accepts_an_empty_mask_but_load_volume_refuses_it(tmp_path):
+    aff = AFFINES["lps"]
+    path = write_nifti(tmp_path / "no_lesions.nii.gz", np.zeros(SHAPE, np.uint8), aff)
+    with pytest.raises(VolumeError, match="constant"):
+        load_volume(path)
+    mask = tio.load_mask(path)
+    assert mask.data.shape == SHAPE[::-1] and not mask.data.any()
+    np.testing.assert_allclose(mask.geometry.source_affine, aff)
