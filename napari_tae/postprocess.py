@@ -330,10 +330,12 @@ def remove_small(mask: np.ndarray, min_size: int, connectivity: int = 3) -> np.n
     if min_size <= 1 or not mask.any():
         return mask.copy()
     labels, _ = ndi.label(mask, structure=_structure(mask.ndim, connectivity))
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
-    keep[0] = False
-    return keep[labels]
+    flat = np.flatnonzero(mask)  # touch the (few) mask voxels only, not the whole volume
+    lab = labels.ravel()[flat]
+    keep = np.bincount(lab) >= min_size
+    out = mask.copy()
+    out.ravel()[flat] = keep[lab]
+    return out
 
 
 def ml_to_voxels(ml: float, spacing: Sequence[float]) -> int:
@@ -366,11 +368,15 @@ def label_lesions(mask: np.ndarray, connectivity: int = 3) -> tuple[np.ndarray, 
     labels, n = ndi.label(mask, structure=_structure(mask.ndim, connectivity))
     if n == 0:
         return labels.astype(np.int32, copy=False), np.zeros(0, dtype=np.int64)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    order = np.argsort(-sizes, kind="stable")  # old label order[i] - 1 becomes new label i + 1
+    labels = labels.astype(np.int32, copy=False)
+    flat = np.flatnonzero(mask)  # relabel the (few) lesion voxels only, in place
+    lab = labels.ravel()[flat]
+    sizes = np.bincount(lab, minlength=n + 1)[1:]
+    order = np.argsort(-sizes, kind="stable")  # old label order[i] + 1 becomes new label i + 1
     remap = np.zeros(n + 1, dtype=np.int32)
     remap[order + 1] = np.arange(1, n + 1, dtype=np.int32)
-    return remap[labels], sizes[order]
+    labels.ravel()[flat] = remap[lab]
+    return labels, sizes[order]
 
 
 def lesion_table(
@@ -380,6 +386,7 @@ def lesion_table(
     origin: Sequence[float] | None = None,
     *,
     connectivity: int = 3,
+    labels: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Per-lesion statistics of the mask's connected components, largest first.
 
@@ -389,51 +396,70 @@ def lesion_table(
         spacing: Voxel size in mm, napari axis order (``layer.scale``).
         origin: World coordinate in mm of voxel (0, 0, 0) (``layer.translate``); zeros if None.
         connectivity: As in :func:`remove_small`; 3 = 26-neighbourhood.
+        labels: The mask's components from :func:`label_lesions`, when already computed (saves
+            labelling twice); ``mask`` is then ignored.
 
     Returns:
-        One dict per lesion with plain Python values: ``label`` (1 = largest, as in
-        :func:`label_lesions`), ``voxels``, ``volume_ml``, ``max_residual``, ``mean_residual``,
-        ``centroid_voxel`` (z, y, x) and ``centroid_mm`` (world coordinates, as napari shows them).
+        One dict per lesion with plain Python values: ``label`` (1 = largest, the id in
+        :func:`label_lesions`' image), ``voxels``, ``volume_ml``, ``max_residual``,
+        ``mean_residual``, ``centroid_voxel`` (z, y, x) and ``centroid_mm`` (world coordinates, as
+        napari shows them).
     """
-    mask = np.asarray(mask, dtype=bool)
     residual = np.asarray(residual)
-    if residual.shape != mask.shape:
-        raise ValueError(f"residual shape {residual.shape} doesn't match mask {mask.shape}")
+    if labels is None:
+        mask = np.asarray(mask, dtype=bool)
+        labels, n = ndi.label(mask, structure=_structure(mask.ndim, connectivity))
+        ids = None  # scipy's scan-order ids; renumbered by size below
+    else:
+        labels = np.asarray(labels)
+        n = int(labels.max(initial=0))
+        ids = np.arange(1, n + 1)
+    if residual.shape != labels.shape:
+        raise ValueError(f"residual shape {residual.shape} doesn't match mask {labels.shape}")
     spacing_arr = np.asarray(spacing, dtype=float)
-    origin_arr = np.zeros(mask.ndim) if origin is None else np.asarray(origin, dtype=float)
-    if spacing_arr.shape != (mask.ndim,) or origin_arr.shape != (mask.ndim,):
+    origin_arr = np.zeros(labels.ndim) if origin is None else np.asarray(origin, dtype=float)
+    if spacing_arr.shape != (labels.ndim,) or origin_arr.shape != (labels.ndim,):
         raise ValueError(
-            f"spacing {tuple(spacing_arr)} and origin {tuple(origin_arr)} need {mask.ndim} values"
+            f"spacing {tuple(spacing_arr)} and origin {tuple(origin_arr)} need {labels.ndim} values"
         )
-    labels, sizes = label_lesions(mask, connectivity)
-    n = sizes.size
     if n == 0:
         return []
-    coords = np.nonzero(labels)
-    lab = labels[coords]
-    values = residual[coords].astype(np.float64)
+    # statistics over the (few) lesion voxels only, by label
+    flat = np.flatnonzero(labels)
+    lab = labels.ravel()[flat]
+    values = residual.ravel()[flat].astype(np.float64)
+    sizes = np.bincount(lab, minlength=n + 1)[1:]
+    present = sizes > 0  # label images from painting may skip ids
     total = np.bincount(lab, weights=values, minlength=n + 1)[1:]
     peak = np.full(n + 1, -np.inf)
     np.maximum.at(peak, lab, values)
+    coords = np.unravel_index(flat, labels.shape)
     centroids = np.stack(
-        [np.bincount(lab, weights=c, minlength=n + 1)[1:] / sizes for c in coords], axis=1
-    )
+        [np.bincount(lab, weights=c, minlength=n + 1)[1:] for c in coords], axis=1
+    )[present] / sizes[present, None]
+    order = np.argsort(-sizes[present], kind="stable")
+    label_ids = np.arange(1, n + 1) if ids is None else ids
+    label_ids = label_ids[present]
+    if ids is None:
+        label_ids = np.empty_like(label_ids)
+        label_ids[order] = np.arange(1, order.size + 1)  # same numbering as label_lesions
+    voxels = sizes[present]
+    mean = total[present] / voxels
+    peak = peak[1:][present]
+    mm = origin_arr + centroids * spacing_arr
     voxel_mm3 = float(np.prod(spacing_arr))
-    table = []
-    for i in range(n):
-        centroid = centroids[i]
-        table.append(
-            {
-                "label": i + 1,
-                "voxels": int(sizes[i]),
-                "volume_ml": float(sizes[i] * voxel_mm3 / 1000.0),
-                "max_residual": float(peak[i + 1]),
-                "mean_residual": float(total[i] / sizes[i]),
-                "centroid_voxel": tuple(float(c) for c in centroid),
-                "centroid_mm": tuple(float(c) for c in origin_arr + centroid * spacing_arr),
-            }
-        )
-    return table
+    return [
+        {
+            "label": int(label_ids[i]),
+            "voxels": int(voxels[i]),
+            "volume_ml": float(voxels[i] * voxel_mm3 / 1000.0),
+            "max_residual": float(peak[i]),
+            "mean_residual": float(mean[i]),
+            "centroid_voxel": tuple(centroids[i].tolist()),
+            "centroid_mm": tuple(mm[i].tolist()),
+        }
+        for i in order.tolist()
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -223,3 +223,20 @@ def test_cuda_bf16_close_to_cpu(volume, model):
     assert gpu.device.startswith("cuda")
     np.testing.assert_allclose(gpu.reconstruction, cpu.reconstruction, atol=0.05)
     model.to("cpu")
+
+
+def test_segment_with_saved_checkpoint(volume, model, tmp_path):
+    from napari_tae.checkpoint import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(
+        tmp_path / "tiny.safetensors",
+        model,
+        preprocessing={"normalisation": "per_volume", "upper_percentile": 99.5},
+        calibration={"p99": 2.0, "p99.5": 3.0, "p99.9": 4.0, "default": 2.0},
+    )
+    loaded, meta = load_checkpoint(path)
+    seg = segment(volume, loaded, meta, device="cpu")
+    assert seg.settings["squash"] == 2.0 and seg.settings["checkpoint_sha256"] == meta.sha256
+    direct = segment(volume, model, None, squash=2.0, device="cpu")
+    np.testing.assert_array_equal(seg.residual, direct.residual)
+    np.testing.assert_array_equal(seg.mask, direct.mask)

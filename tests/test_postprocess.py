@@ -233,6 +233,24 @@ def test_label_lesions_numbered_by_size():
     assert [int((labels == i).sum()) for i in (1, 2, 3)] == sizes.tolist()
     table = lesion_table(mask, mask.astype(np.float32), (1, 1, 1))
     assert [row["voxels"] for row in table] == sizes.tolist()
+    assert lesion_table(None, mask.astype(np.float32), (1, 1, 1), labels=labels) == table
+
+
+def test_lesion_table_from_given_labels_keeps_their_ids():
+    rng = np.random.default_rng(3)
+    mask = rng.random((6, 20, 20)) > 0.8
+    res = rng.random(mask.shape).astype(np.float32)
+    labels, _ = label_lesions(mask)
+    assert lesion_table(mask, res, (1.0, 2.0, 3.0), (1, 2, 3)) == lesion_table(
+        None, res, (1.0, 2.0, 3.0), (1, 2, 3), labels=labels
+    )
+    painted = np.zeros((4, 5, 5), np.int32)
+    painted[0, 0, :2] = 7  # ids with gaps, as after painting; one id may span separate blobs
+    painted[3, 4, 4] = 7
+    painted[2, 2, 2] = 3
+    table = lesion_table(None, np.ones(painted.shape), (1, 1, 1), labels=painted)
+    assert [(row["label"], row["voxels"]) for row in table] == [(7, 3), (3, 1)]
+    assert table[0]["centroid_voxel"] == pytest.approx((1.0, 4 / 3, 5 / 3))
 
 
 @pytest.mark.parametrize("mode", ["2d", "3d"])
