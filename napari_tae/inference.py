@@ -33,7 +33,9 @@ __all__ = [
     "DEVICE_CHOICES",
     "Reconstruction",
     "Segmentation",
+    "default_squash",
     "iter_reconstruct",
+    "norm_from_meta",
     "reconstruct",
     "segment",
     "select_device",
@@ -196,6 +198,7 @@ def iter_reconstruct(
         start = 0
         while start < todo.size:
             index = todo[start : start + batch_size]
+            out = None
             try:
                 out = _forward_batch(model, prepared.slices[index], device, amp)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
@@ -203,6 +206,8 @@ def iter_reconstruct(
                     raise
                 batch_size = index.size // 2  # of the batch that failed (the last may be short)
                 _logger.warning("out of memory on %s; retrying with batch size %d", device, batch_size)
+            if out is None:
+                # outside the except block: the traceback no longer pins the failed batch's tensors
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
@@ -259,8 +264,14 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams | None:
-    """Normalisation the checkpoint asks for: fixed numbers, or a per-volume fit's percentiles."""
+def norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams | None:
+    """Normalisation a checkpoint asks for, to pass to :func:`iter_reconstruct` as ``norm``.
+
+    Training records ``{"normalisation": "per_volume", "upper_percentile": p, ...}``: the window
+    is fitted on this volume's own brain with the checkpoint's percentiles. Fixed ``low``/``high``
+    numbers are used as they are only when the normalisation is not per volume. None (no meta, or
+    no settings) lets :func:`~napari_tae.preprocess.prepare_volume` fit its defaults.
+    """
     pre = dict(getattr(meta, "preprocessing", None) or {})
     if pre.get("normalisation", "per_volume") != "per_volume" and {"low", "high"} <= set(pre):
         return NormParams.from_dict(pre)
@@ -269,6 +280,9 @@ def _norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParam
         kwargs = {} if lower is None else {"lower_percentile": float(lower)}
         return fit_normalisation(data, brain, float(pre["upper_percentile"]), **kwargs)
     return None
+
+
+_norm_from_meta = norm_from_meta  # the name review.py first used
 
 
 def default_squash(meta: Any) -> tuple[float, str]:
@@ -319,7 +333,7 @@ def segment(
 
     t0 = time.perf_counter()
     brain_arr = brain_mask(data, brain)
-    norm = _norm_from_meta(data, brain_arr, meta)
+    norm = norm_from_meta(data, brain_arr, meta)
     rec = reconstruct(
         model, data, brain=brain_arr, norm=norm, device=device, batch_size=batch_size, amp=amp
     )

@@ -240,3 +240,18 @@ def test_segment_with_saved_checkpoint(volume, model, tmp_path):
     direct = segment(volume, model, None, squash=2.0, device="cpu")
     np.testing.assert_array_equal(seg.residual, direct.residual)
     np.testing.assert_array_equal(seg.mask, direct.mask)
+
+
+def test_norm_from_meta_and_default_squash(volume):
+    from napari_tae.inference import default_squash, norm_from_meta
+    from napari_tae.preprocess import NormParams
+
+    brain = volume != 0
+    assert norm_from_meta(volume, brain, None) is None
+    per_volume = SimpleNamespace(preprocessing={"normalisation": "per_volume", "upper_percentile": 98.0})
+    assert norm_from_meta(volume, brain, per_volume) == fit_normalisation(volume, brain, 98.0)
+    fixed = SimpleNamespace(preprocessing={"normalisation": "fixed", "low": 10.0, "high": 500.0})
+    assert norm_from_meta(volume, brain, fixed) == NormParams(10.0, 500.0, 99.5, 0.0)
+    assert default_squash(None) == (1.0, "paper default")
+    assert default_squash(SimpleNamespace(calibration={})) == (1.0, "paper default")
+    assert default_squash(SimpleNamespace(calibration={"default": 2.5})) == (2.5, "calibrated")
