@@ -439,6 +439,8 @@ class AnomalyWidget(QWidget):
             layer.metadata.update(kw["metadata"])
         elif kind == "anomaly mask":
             layer = self.viewer.add_labels(data, opacity=0.6, **kw)
+            # after brush strokes, relabel and refresh the table (the edits are kept)
+            layer.events.paint.connect(lambda _e: self._post_timer.start())
         else:
             hi = float(np.percentile(data, 99.9)) if data.size else 1.0
             cmap = "inferno" if kind == "residual" else "gray"
@@ -592,7 +594,9 @@ class AnomalyWidget(QWidget):
         for axis in self.viewer.dims.not_displayed:
             if axis >= offset:
                 self.viewer.dims.set_point(axis, centre[axis - offset])
-        self.viewer.camera.center = tuple(centre[a - offset] for a in self.viewer.dims.displayed
+        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera to the scene
+        camera = scene.camera if scene is not None else self.viewer.camera
+        camera.center = tuple(centre[a - offset] for a in self.viewer.dims.displayed
                                           if a >= offset)
         self.table.selectRow(row)
 

@@ -169,6 +169,7 @@ def test_cancel_leaves_nothing(make_napari_viewer, qtbot, files):
         pass
     qtbot.wait(50)
     assert _results(viewer) == [] and not widget.is_running
+    assert worker.abort_requested
     assert "Cancelled" in widget.status.text()
 
 
@@ -251,3 +252,16 @@ def test_review_navigation_and_settings(make_napari_viewer, qtbot, files):
     assert again.checkpoint_spec() == str(files["ckpt"])
     assert again.kernel_spin.value() == 7 and again.device_combo.currentText() == "cpu"
     again.close()
+
+
+def test_paint_refreshes_table(make_napari_viewer, qtbot, files):
+    viewer, widget, _, _ = _widget(make_napari_viewer, files)
+    widget.run()
+    _wait_done(qtbot, widget, viewer)
+    mask = viewer.layers["flair anomaly mask"]
+    n = widget.table.rowCount()
+    mask.selected_label = 5
+    mask.brush_size = 1
+    mask.paint((0, 0, 0), 5)  # the brush API, as a user stroke does (emits the paint event)
+    qtbot.waitUntil(lambda: widget.table.rowCount() == n + 1, timeout=WAIT)
+    assert mask.data[0, 0, 0] > 0 and widget._active.edits.n_added >= 1
