@@ -27,6 +27,7 @@ import functools
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -668,7 +669,8 @@ def add_anomalies(
         Brain mask and tissue probability maps; default ``data > 0`` and a 3-class intensity
         clustering (works on real skull-stripped FLAIR too).
     spacing, affine
-        Voxel size in mm (or taken from the affine); default 1 mm.
+        Voxel size in mm (or taken from the affine); default 1 mm, with a warning: anomaly sizes
+        are in mm, so pass the affine of a coarse grid.
     counts
         Number of instances per kind; default 4-10 MS lesions (random) and one of each other kind.
     donor
@@ -694,6 +696,9 @@ def add_anomalies(
     brain = data > 0 if brain is None else np.asarray(brain, bool)
     if not brain.any():
         raise ValueError("empty brain mask: nothing to place anomalies in")
+    if spacing is None and affine is None:
+        # sizes are in mm: on a coarse grid 1 mm voxels would make every anomaly several times too big
+        warnings.warn("add_anomalies: no spacing or affine given, assuming 1 mm voxels", UserWarning, stacklevel=2)
     if spacing is None:
         spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)) if affine is not None else 1.0
     spacing = np.broadcast_to(np.asarray(spacing, float), (3,)).copy()

@@ -215,3 +215,8 @@ def test_write_dataset_reads_back(tmp_path):
         np.testing.assert_array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())
     with pytest.raises(FileExistsError, match="manifest.json"):
         syn.write_dataset(tmp_path / "ds", 1, 0, 0, shape=shape)
+
+
+def test_plain_array_without_geometry_warns(subject):
+    with pytest.warns(UserWarning, match="assuming 1 mm"):
+        syn.add_anomalies(subject.data, 0, ("ms",), counts={"ms": 1})
