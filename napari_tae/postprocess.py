@@ -311,6 +311,32 @@ def _structure(ndim: int, connectivity: int) -> np.ndarray:
     return ndi.generate_binary_structure(ndim, connectivity)
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding all True voxels; None for an empty mask."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _label(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    """``scipy.ndimage.label`` of a bool mask as full-size int32, labelling only its bounding box.
+
+    Labelling dominates the cost of small-component removal; lesions rarely fill the volume's
+    box. Raster order inside the box is the full array's, so the numbering is scipy's.
+    """
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    box = _bounding_box(mask)
+    if box is None:
+        return labels, 0
+    sub, n = ndi.label(mask[box], structure=_structure(mask.ndim, connectivity))
+    labels[box] = sub
+    return labels, int(n)
+
+
 def remove_small(mask: np.ndarray, min_size: int, connectivity: int = 3) -> np.ndarray:
     """Drop connected components with fewer than ``min_size`` voxels.
 
@@ -329,7 +355,7 @@ def remove_small(mask: np.ndarray, min_size: int, connectivity: int = 3) -> np.n
     mask = np.asarray(mask, dtype=bool)
     if min_size <= 1 or not mask.any():
         return mask.copy()
-    labels, _ = ndi.label(mask, structure=_structure(mask.ndim, connectivity))
+    labels, _ = _label(mask, connectivity)
     flat = np.flatnonzero(mask)  # touch the (few) mask voxels only, not the whole volume
     lab = labels.ravel()[flat]
     keep = np.bincount(lab) >= min_size
@@ -365,10 +391,9 @@ def label_lesions(mask: np.ndarray, connectivity: int = 3) -> tuple[np.ndarray, 
         (``sizes[i]`` belongs to label ``i + 1``).
     """
     mask = np.asarray(mask, dtype=bool)
-    labels, n = ndi.label(mask, structure=_structure(mask.ndim, connectivity))
+    labels, n = _label(mask, connectivity)
     if n == 0:
-        return labels.astype(np.int32, copy=False), np.zeros(0, dtype=np.int64)
-    labels = labels.astype(np.int32, copy=False)
+        return labels, np.zeros(0, dtype=np.int64)
     flat = np.flatnonzero(mask)  # relabel the (few) lesion voxels only, in place
     lab = labels.ravel()[flat]
     sizes = np.bincount(lab, minlength=n + 1)[1:]
@@ -408,7 +433,7 @@ def lesion_table(
     residual = np.asarray(residual)
     if labels is None:
         mask = np.asarray(mask, dtype=bool)
-        labels, n = ndi.label(mask, structure=_structure(mask.ndim, connectivity))
+        labels, n = _label(mask, connectivity)
         ids = None  # scipy's scan-order ids; renumbered by size below
     else:
         labels = np.asarray(labels)
