@@ -44,6 +44,8 @@ from napari_tae.review import (
     compute_mask,
     export_results,
     inference_job,
+    lesion_features,
+    lesion_rows,
 )
 from napari_tae.settings import load_settings, save_settings
 
@@ -449,27 +451,21 @@ class AnomalyWidget(QWidget):
         if kind == "residual":
             layer.contrast_limits = (0.0, max(float(np.percentile(data, 99.9)), 1e-3))
         if kind == "anomaly mask":
-            self._set_features(layer, state.lesions)
-
-    @staticmethod
-    def _set_features(layer, lesions: list[dict]) -> None:
-        cols = ("volume_ml", "voxels", "max_residual", "mean_residual")
-        features = {"index": np.array([0] + [les["label"] for les in lesions], dtype=np.int64)}
-        for c in cols:
-            features[c] = np.array([0.0] + [float(les[c]) for les in lesions])
-        layer.features = features
+            layer.features = lesion_features(state.lesions)
 
     def _on_layer_removed(self, event: Any) -> None:
+        """Forget the result of a removed input; drop pending updates of a removed mask."""
         layer = event.value
-        state = self._states.get(getattr(layer, "name", None))
-        if state is not None and (not _is_result(layer) or layer.metadata.get(RESULT_KEY) ==
-                                  "anomaly mask"):
-            state.generation.invalidate()
-            if not _is_result(layer):
-                del self._states[layer.name]
-                if self._active is state:
-                    self._active = None
-                    self._show_lesions(None)
+        source = layer.metadata.get(SOURCE_KEY) if _is_result(layer) else layer.name
+        state = self._states.get(source)
+        if state is None:
+            return
+        state.generation.invalidate()
+        if not _is_result(layer):
+            del self._states[source]
+            if self._active is state:
+                self._active = None
+                self._show_lesions(None)
 
     def _on_image_changed(self, *_: Any) -> None:
         """Sliders and table follow the selected input if it has a result."""
@@ -559,7 +555,7 @@ class AnomalyWidget(QWidget):
             return
         state.record_edits(layer.data)
         layer.data = state.accept(state.finish(result))
-        self._set_features(layer, state.lesions)
+        layer.features = lesion_features(state.lesions)
         if state is self._active:
             self._show_lesions(state)
         save_settings(self.settings)
@@ -574,13 +570,9 @@ class AnomalyWidget(QWidget):
 
     # ----------------------------------------------------------------------------- review
     def _show_lesions(self, state: ReviewState | None) -> None:
-        lesions = state.lesions if state is not None else []
-        self.table.setRowCount(len(lesions))
-        for row, les in enumerate(lesions):
-            z, y, x = les["centroid_voxel"]
-            cells = (str(les["label"]), f"{les['volume_ml']:.3f}", str(les["voxels"]),
-                     f"{les['max_residual']:.3f}", f"{les['mean_residual']:.3f}",
-                     f"{z:.0f}, {y:.0f}, {x:.0f}")
+        rows = lesion_rows(state.lesions if state is not None else [])
+        self.table.setRowCount(len(rows))
+        for row, cells in enumerate(rows):
             for col, text in enumerate(cells):
                 self.table.setItem(row, col, QTableWidgetItem(text))
 

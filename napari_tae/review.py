@@ -37,6 +37,8 @@ __all__ = [
     "export_results",
     "file_sha256",
     "inference_job",
+    "lesion_features",
+    "lesion_rows",
     "load_model",
     "provenance",
     "write_lesion_csv",
@@ -288,6 +290,24 @@ class ReviewState:
         return lesion_table(np.asarray(layer_data) > 0, self.residual, self.spacing, self.origin)
 
 
+def lesion_rows(lesions: list[dict]) -> list[tuple[str, ...]]:
+    """Table cells: id, volume (mL), voxels, max and mean residual, centroid voxel (z, y, x)."""
+    return [
+        (str(les["label"]), f"{les['volume_ml']:.3f}", str(les["voxels"]),
+         f"{les['max_residual']:.3f}", f"{les['mean_residual']:.3f}",
+         ", ".join(f"{c:.0f}" for c in les["centroid_voxel"]))
+        for les in lesions
+    ]
+
+
+def lesion_features(lesions: list[dict]) -> dict[str, np.ndarray]:
+    """``Labels.features`` table: an ``index`` column of label ids, row 0 the background."""
+    features = {"index": np.array([0] + [les["label"] for les in lesions], dtype=np.int64)}
+    for col in ("volume_ml", "voxels", "max_residual", "mean_residual"):
+        features[col] = np.array([0.0] + [float(les[col]) for les in lesions])
+    return features
+
+
 # --------------------------------------------------------------------------------------------
 # running the network (torch imported lazily: opening the widget must not pay for it)
 # --------------------------------------------------------------------------------------------
@@ -322,9 +342,9 @@ def inference_job(
     model, meta = load_model(spec)
     dev = inference.select_device(device)
     # the same brain mask and normalisation as the headless inference.segment, so the widget and
-    # the CLI give identical masks (_norm_from_meta is private there; see the issue-5 report)
+    # the CLI give identical masks
     brain = brain_mask(data, brain)
-    norm = inference._norm_from_meta(data, brain, meta)
+    norm = inference.norm_from_meta(data, brain, meta)
     rec = yield from inference.iter_reconstruct(
         model, data, brain=brain, norm=norm, device=dev, batch_size=batch_size
     )

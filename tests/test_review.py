@@ -18,6 +18,8 @@ from napari_tae.review import (
     compute_mask,
     export_paths,
     export_results,
+    lesion_features,
+    lesion_rows,
 )
 
 
@@ -218,3 +220,13 @@ def test_export_round_trip_and_refusals(tmp_path):
         export_results(tmp_path, "x", mask=labels, state=st,
                        input_file=str(tmp_path / "x_mask.nii.gz"))
     assert not (tmp_path / "x_residual.nii.gz").exists()
+
+
+def test_lesion_rows_and_features():
+    st = _state()
+    res = st.compute(PostSettings(kernel=1, squash=10))
+    rows = lesion_rows(res.lesions)
+    feats = lesion_features(res.lesions)
+    assert len(rows) == 2 and rows[0][0] == "1" and len(rows[0]) == 6
+    assert list(feats["index"]) == [0, 1, 2]
+    assert feats["voxels"][1] == (res.labels == 1).sum() and feats["voxels"][2] == 4
