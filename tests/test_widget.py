@@ -265,3 +265,21 @@ def test_paint_refreshes_table(make_napari_viewer, qtbot, files):
     mask.paint((0, 0, 0), 5)  # the brush API, as a user stroke does (emits the paint event)
     qtbot.waitUntil(lambda: widget.table.rowCount() == n + 1, timeout=WAIT)
     assert mask.data[0, 0, 0] > 0 and widget._active.edits.n_added >= 1
+
+
+def test_works_through_napari_public_proxy(make_napari_viewer, qtbot, files):
+    """napari hands plugin widgets a PublicOnlyProxy of the viewer; everything must still work."""
+    from napari.utils._proxies import PublicOnlyProxy
+
+    viewer = make_napari_viewer()
+    _add_volume(viewer, files["flair"])
+    widget = AnomalyWidget(PublicOnlyProxy(viewer))
+    viewer.window.add_dock_widget(widget)
+    assert widget.load_checkpoint_file(str(files["ckpt"]))
+    widget.device_combo.setCurrentText("cpu")
+    widget.run()
+    _wait_done(qtbot, widget, viewer)
+    widget.squash_slider.setValue(0.5)
+    qtbot.waitUntil(lambda: not widget.is_updating, timeout=WAIT)
+    widget.go_to_lesion(0)
+    widget.close()
