@@ -9,6 +9,7 @@ generation counter, so a stale result (re-run, cancel, layer removed) is dropped
 from __future__ import annotations
 
 import os
+import sys
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,18 @@ _TABLE_COLUMNS = ("#", "volume (mL)", "voxels", "max residual", "mean residual",
 NEXT_KEY, PREV_KEY = "n", "Shift-N"  # 'p' is napari's paint-mode key on Labels layers
 
 
+def _block_triton() -> None:
+    """Keep triton from loading into a process that already has napari's OpenGL canvas.
+
+    Importing timm/torchvision after the canvas exists pulls in triton, whose bundled LLVM
+    crashes the process (segfault) next to Mesa's llvmpipe (seen under Xvfb). Eager inference
+    never uses triton, and torch treats a failed ``import triton`` as "not installed".
+    Set ``NAPARI_TAE_ALLOW_TRITON=1`` to opt out.
+    """
+    if os.environ.get("NAPARI_TAE_ALLOW_TRITON") != "1":
+        sys.modules.setdefault("triton", None)  # type: ignore[arg-type]
+
+
 def _is_result(layer) -> bool:
     return RESULT_KEY in getattr(layer, "metadata", {})
 
@@ -76,6 +89,7 @@ class AnomalyWidget(QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, *, synchronous: bool = False) -> None:
         super().__init__()
+        _block_triton()  # before anything imports torch, timm or torchvision
         self.viewer = napari_viewer
         self.synchronous = synchronous
         self.settings = load_settings()

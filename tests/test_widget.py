@@ -283,3 +283,25 @@ def test_works_through_napari_public_proxy(make_napari_viewer, qtbot, files):
     qtbot.waitUntil(lambda: not widget.is_updating, timeout=WAIT)
     widget.go_to_lesion(0)
     widget.close()
+
+
+def test_opens_in_fresh_napari_process(tmp_path):
+    """Fresh process, canvas first, widget second (the real plugin order).
+
+    In-process tests import torch before any viewer exists, which hides a crash: triton loaded
+    after napari's OpenGL canvas segfaults next to Mesa's llvmpipe.
+    """
+    import os
+    import subprocess
+    import sys
+
+    code = ("import napari\n"
+            "v = napari.Viewer(show=False)\n"
+            "from napari_tae._widget import AnomalyWidget\n"
+            "w = AnomalyWidget(v)\n"
+            "print('opened', w.model_combo.count())\n"
+            "w.close(); v.close()\n")
+    env = {**os.environ, CONFIG_ENV: str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and "opened" in proc.stdout, proc.stderr[-2000:]
