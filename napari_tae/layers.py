@@ -428,6 +428,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _record_usage(self, idx: torch.Tensor) -> None:
+        if idx.device.type == "meta":  # shape-only pass (parameter table): nothing to count
+            return
         counts = torch.bincount(idx.flatten(), minlength=self.num_codes).float()
         probs = counts / counts.sum()
         entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()

@@ -129,7 +129,7 @@ class HierarchicalTAE(ReconstructionModel):
         res = [res0 // 2 ** i for i in range(n)]
         self.dims, self.resolutions = dims, res
         self.skip = config.skip
-        dpr = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.depth)]
+        dpr = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
 
         self.patch_embed = PatchEmbed(config.img_size, config.patch_size, in_chans=1, embed_dim=dims[0],
                                       norm_layer=nn.LayerNorm, output_fmt="NHWC")

@@ -51,6 +51,7 @@ class TAEConfig(ModelConfig):
         drop_rate: Dropout on attention weights, projections and MLP (reference 0.1).
         drop_path_rate: Stochastic depth, linearly increasing over blocks.
         cnn_bottleneck: None (B_TAE), "dense" (DC_TAE) or "spatial" (SC_TAE).
+        cnn_channels: Channels of the inner CNN autoencoder's strided convs.
         cnn_kernel_size: Kernel of the inner CNN autoencoder.
         cnn_latent_dim: Dense bottleneck width of the inner CNN autoencoder.
     """
@@ -65,6 +66,7 @@ class TAEConfig(ModelConfig):
     drop_rate: float = 0.1
     drop_path_rate: float = 0.
     cnn_bottleneck: str | None = None
+    cnn_channels: tuple[int, ...] = (32, 64, 128, 128)
     cnn_kernel_size: int = 3
     cnn_latent_dim: int = 512
 
@@ -76,8 +78,9 @@ class TAEConfig(ModelConfig):
             raise ValueError(f"embed_dim ({self.width}) must be divisible by num_heads ({self.num_heads}).")
         if self.cnn_bottleneck not in (None, "dense", "spatial"):
             raise ValueError(f"cnn_bottleneck must be None, 'dense' or 'spatial', got {self.cnn_bottleneck!r}")
-        if self.cnn_bottleneck is not None and self.img_size % 16:
-            raise ValueError(f"img_size ({self.img_size}) must be divisible by 16 for the inner CNN autoencoder.")
+        down = 2 ** len(self.cnn_channels)
+        if self.cnn_bottleneck is not None and self.img_size % down:
+            raise ValueError(f"img_size ({self.img_size}) must be divisible by {down} for the inner CNN autoencoder.")
 
     @property
     def width(self) -> int:
@@ -94,7 +97,7 @@ class TransformerAE(ReconstructionModel):
         self.patch_size = p
         self.grid_size = (config.img_size // p, config.img_size // p)
         num_patches = self.grid_size[0] * self.grid_size[1]
-        dpr = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.depth)]
+        dpr = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
 
         # encoder: a conv with kernel = stride = p is the linear patch embedding
         self.patch_embed = PatchEmbed(config.img_size, p, in_chans=1, embed_dim=d)
@@ -110,7 +113,7 @@ class TransformerAE(ReconstructionModel):
         if config.cnn_bottleneck is not None:
             self.to_pixels = nn.Linear(d, p * p) if d != p * p else nn.Identity()
             self.unpatchify_enc = Unpatchify(p, self.grid_size)
-            self.cnn = ConvAE(config.img_size, kernel_size=config.cnn_kernel_size,
+            self.cnn = ConvAE(config.img_size, channels=config.cnn_channels, kernel_size=config.cnn_kernel_size,
                               bottleneck=config.cnn_bottleneck, latent_dim=config.cnn_latent_dim)
             self.repatch_embed = PatchEmbed(config.img_size, p, in_chans=1, embed_dim=d)
             self.repatch_pos_embed = nn.Parameter(torch.zeros(1, num_patches, d))
