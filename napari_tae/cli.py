@@ -23,7 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OUTPUT_SUFFIXES", "build_parser", "main", "resolve_checkpoint", "find_inputs"]
+import numpy as np
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "OUTPUT_SUFFIXES",
+    "build_demo",
+    "build_parser",
+    "find_inputs",
+    "main",
+    "resolve_checkpoint",
+]
 
 _logger = logging.getLogger("napari_tae.cli")
 
@@ -425,11 +435,94 @@ def cmd_models(args: argparse.Namespace) -> int:
 # demo
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Run ``napari-tae demo``: napari with the sample volume, the widget and the default model."""
-    from napari_tae._demo import run_demo
+#: Bundled checkpoint the demo selects (the better of the two on the sample, see the README).
+DEFAULT_CHECKPOINT = "dc_tae_synthetic"
 
-    return run_demo(checkpoint=args.checkpoint, screenshot=args.screenshot, device=args.device)
+
+def default_checkpoint() -> str:
+    """The demo's model: :data:`DEFAULT_CHECKPOINT` if bundled, else any bundled one, else intensity."""
+    from napari_tae.checkpoint import bundled_checkpoints
+
+    bundled = bundled_checkpoints()
+    if DEFAULT_CHECKPOINT in bundled:
+        return DEFAULT_CHECKPOINT
+    return sorted(bundled)[0] if bundled else "intensity"
+
+
+def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "auto",
+               synchronous: bool = False) -> Any:
+    """Load the sample into ``viewer``, dock the anomaly widget and select the model.
+
+    The napari imports live here (and in :mod:`napari_tae._sample_data`), not at module level,
+    so ``napari-tae segment`` never loads Qt. Returns the docked ``AnomalyWidget``.
+    """
+    from napari_tae._reader import set_radiological_view
+    from napari_tae._sample_data import SAMPLE_NAME, make_sample_data
+    from napari_tae._widget import AnomalyWidget
+
+    spec = checkpoint or default_checkpoint()
+    path = resolve_checkpoint(spec)  # fail early, with the one-line message, on a bad name
+    layers = make_sample_data()
+    for data, kwargs, kind in layers:
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = AnomalyWidget(viewer, synchronous=synchronous)
+    viewer.window.add_dock_widget(widget, name="Find anomalies (TAE)", area="right")
+    widget.image_combo.setCurrentText(SAMPLE_NAME)
+    if path is not None and spec not in _bundled_names():
+        widget.load_checkpoint_file(str(path))
+    else:
+        index = widget.model_combo.findData(spec)
+        widget.model_combo.setCurrentIndex(index)
+    widget.device_combo.setCurrentText(device)
+    set_radiological_view(viewer)
+    # open on the axial slice with the most ground truth, so the lesions are in view
+    truth = layers[1][0]
+    z = int(np.argmax((truth > 0).sum(axis=(1, 2)))) if truth.any() else truth.shape[0] // 2
+    scale, translate = layers[1][1]["scale"], layers[1][1]["translate"]
+    viewer.dims.set_point(0, translate[0] + z * scale[0])
+    return widget
+
+
+def _bundled_names() -> set[str]:
+    from napari_tae.checkpoint import bundled_checkpoints
+
+    return set(bundled_checkpoints())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run ``napari-tae demo``: napari with the sample volume, the widget and the default model.
+
+    With ``--screenshot`` the model runs synchronously, the viewer is saved to the file and the
+    command exits; otherwise the napari event loop runs until the window is closed.
+    """
+    import napari
+
+    headless = args.screenshot is not None
+    if headless:
+        shot = Path(args.screenshot)
+        if not shot.parent.is_dir():
+            raise CLIError(f"{shot}: folder does not exist")
+        if shot.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            raise CLIError(f"{shot}: screenshot must be .png, .jpg, .bmp or .tif")
+    viewer = napari.Viewer(title="napari-tae demo")
+    try:
+        widget = build_demo(viewer, checkpoint=args.checkpoint, device=args.device,
+                            synchronous=headless)
+        if not headless:
+            _logger.info("demo: model '%s' selected; press Run in the dock", widget.checkpoint_spec())
+            napari.run()
+            return 0
+        widget.run()
+        mask_layers = [layer for layer in viewer.layers if layer.name.endswith("anomaly mask")]
+        if not mask_layers:
+            raise CLIError(f"demo: the model run produced no mask ({widget.status.text()})")
+        viewer.screenshot(str(shot), canvas_only=False, flash=False)
+        n_voxels = int(np.count_nonzero(mask_layers[0].data))
+        _logger.info("demo: %s, mask of %d voxels, screenshot %s", widget.status.text(), n_voxels, shot)
+        return 0
+    finally:
+        if headless:
+            viewer.close()
 
 
 # --------------------------------------------------------------------------------------------

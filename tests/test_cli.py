@@ -1,0 +1,202 @@
+"""``napari-tae segment`` and ``napari-tae models``: outputs, geometry, batch failures, overwrite.
+
+Called in-process through :func:`napari_tae.cli.main` (fast); one subprocess test checks the
+installed console script. The ``intensity`` baseline keeps most tests free of network weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_tae.cli import OUTPUT_SUFFIXES, main
+
+SHAPE = (40, 48, 36)
+
+
+def _write_case(path: Path, seed: int, *, oblique: bool = False) -> Path:
+    """A small synthetic FLAIR volume with lesions, optionally in a flipped, oblique, 4D file."""
+    from napari_tae.synthetic import add_anomalies, healthy_volume
+
+    data, affine = healthy_volume(seed, shape=SHAPE)
+    data, _ = add_anomalies(data, seed, kinds=("ms", "tumour"), affine=affine)
+    if oblique:
+        # LPS-like storage order, anisotropic voxels and a small rotation: the geometry must
+        # survive the reorientation to RAS and back
+        data = data[::-1, ::-1]
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[:3, 3] = [SHAPE[0] - 1, SHAPE[1] - 1, 0]
+        theta = np.deg2rad(7.0)
+        rot = np.eye(4)
+        rot[:3, :3] = [[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]]
+        affine = rot @ affine @ flip @ np.diag([1.0, 1.0, 1.7, 1.0])
+        data = data[..., None]  # 4D with one time point, as scanners often write
+    img = nib.Nifti1Image(np.asarray(data, np.float32), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=2)
+    nib.save(img, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("inputs")
+    return {
+        "plain": _write_case(folder / "case_a.nii.gz", 1),
+        "oblique": _write_case(folder / "case_b.nii", 2, oblique=True),
+    }
+
+
+def _outputs(out_dir: Path, name: str) -> dict[str, Path]:
+    return {suffix: out_dir / f"{name}{suffix}" for suffix in OUTPUT_SUFFIXES}
+
+
+def test_segment_writes_outputs_on_input_grid(cases, tmp_path):
+    out_dir = tmp_path / "out"
+    status = main(["-q", "segment", str(cases["plain"]), str(cases["oblique"]),
+                   "--checkpoint", "intensity", "--out-dir", str(out_dir), "--min-size", "3"])
+    assert status == 0
+    for key, name in (("plain", "case_a"), ("oblique", "case_b")):
+        source = nib.load(cases[key])
+        outs = _outputs(out_dir, name)
+        assert all(p.is_file() and p.stat().st_size > 0 for p in outs.values()), sorted(out_dir.iterdir())
+        for suffix in ("_reconstruction.nii.gz", "_residual.nii.gz", "_mask.nii.gz"):
+            img = nib.load(outs[suffix])
+            assert img.shape == source.shape
+            np.testing.assert_allclose(img.affine, source.affine, atol=1e-5)
+            np.testing.assert_allclose(img.header.get_qform(), source.header.get_qform(), atol=1e-5)
+            assert int(img.header["sform_code"]) == int(source.header["sform_code"])
+            assert int(img.header["qform_code"]) == int(source.header["qform_code"])
+        mask = np.asarray(nib.load(outs["_mask.nii.gz"]).dataobj)
+        assert mask.dtype.kind in "iu" and set(np.unique(mask)) <= {0, 1}
+        residual = np.asarray(nib.load(outs["_residual.nii.gz"]).dataobj)
+        assert residual.min() >= 0 and residual.max() <= 1
+        with open(outs["_lesions.csv"], newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        # the mask's connected components (26-connectivity, >= 3 voxels) are the table's rows
+        from scipy import ndimage as ndi
+
+        labelled, n = ndi.label(mask.squeeze(), structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(labelled.ravel())[1:]
+        assert len(rows) == n and n == int((sizes >= 3).sum())
+        assert sum(int(r["voxels"]) for r in rows) == int(mask.sum())
+        record = json.loads(outs["_provenance.json"].read_text())
+        assert record["input"] == str(cases[key].resolve())
+        assert record["model"]["name"] == "intensity"
+        assert record["settings"]["min_size"] == 3
+        assert record["lesions"] == len(rows)
+        assert record["software"]["napari_tae"]
+
+
+def test_segment_matches_headless_pipeline(cases, tmp_path):
+    """Same numbers as napari_tae.inference.segment, the function the plugin calls."""
+    from napari_tae.inference import segment
+    from napari_tae.io import load_volume
+    from napari_tae.models import build_model
+
+    assert main(["-q", "segment", str(cases["oblique"]), "-m", "intensity", "-o", str(tmp_path),
+                 "--squash", "20", "--median-kernel", "3"]) == 0
+    volume = load_volume(cases["oblique"])
+    expected = segment(volume, build_model("intensity"), None, kernel=3, squash=20.0)
+    written = load_volume(tmp_path / "case_b_mask.nii.gz").data
+    np.testing.assert_array_equal(written > 0, expected.mask)
+    residual = load_volume(tmp_path / "case_b_residual.nii.gz").data
+    np.testing.assert_allclose(residual, expected.residual, atol=1e-6)
+
+
+def test_batch_with_corrupt_file_in_the_middle(cases, tmp_path, caplog):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    shutil.copy(cases["plain"], folder / "a.nii.gz")
+    (folder / "b_broken.nii.gz").write_bytes(b"\x1f\x8b this is not a volume")
+    shutil.copy(cases["plain"], folder / "c.nii.gz")
+    out_dir = tmp_path / "out"
+    with caplog.at_level("ERROR", logger="napari_tae"):
+        status = main(["-q", "segment", str(folder), "-m", "intensity", "-o", str(out_dir)])
+    assert status == 1
+    assert (out_dir / "a_mask.nii.gz").is_file() and (out_dir / "c_mask.nii.gz").is_file()
+    assert not list(out_dir.glob("b_broken*"))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("b_broken.nii.gz" in m and "\n" not in m for m in errors), errors
+    # a missing file counts as one more failure; the status is the number of failures
+    status = main(["-q", "segment", str(folder), str(tmp_path / "missing.nii.gz"), "-m", "intensity",
+                   "-o", str(tmp_path / "out2")])
+    assert status == 2
+
+
+def test_refuses_to_overwrite_before_computing(cases, tmp_path, monkeypatch):
+    out_dir = tmp_path / "out"
+    args = ["-q", "segment", str(cases["plain"]), "-m", "intensity", "-o", str(out_dir)]
+    assert main(args) == 0
+    mask_path = out_dir / "case_a_mask.nii.gz"
+    before = mask_path.read_bytes()
+    stamp = mask_path.stat().st_mtime_ns
+
+    import napari_tae.inference as inference
+
+    def _fail(*_args, **_kwargs):
+        raise AssertionError("segment() must not run when the outputs exist")
+
+    monkeypatch.setattr(inference, "segment", _fail)
+    assert main(args) == 1
+    assert mask_path.read_bytes() == before and mask_path.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+    assert main([*args, "--squash", "30", "--overwrite"]) == 0
+    assert json.loads((out_dir / "case_a_provenance.json").read_text())["settings"]["squash"] == 30
+
+
+def test_never_writes_over_an_input(cases, tmp_path):
+    # an input named like another input's output, in the output folder itself
+    shutil.copy(cases["plain"], tmp_path / "x.nii.gz")
+    shutil.copy(cases["plain"], tmp_path / "x_mask.nii.gz")
+    before = (tmp_path / "x_mask.nii.gz").read_bytes()
+    status = main(["-q", "segment", str(tmp_path / "x.nii.gz"), str(tmp_path / "x_mask.nii.gz"),
+                   "-m", "intensity", "-o", str(tmp_path), "--overwrite"])
+    assert status == 1
+    assert (tmp_path / "x_mask.nii.gz").read_bytes() == before
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    status = main(["segment", str(tmp_path), "-m", "intensity", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2 and "holds no .nii" in err and err.count("\n") == 1
+    (tmp_path / "v.nii.gz").write_bytes(b"")
+    status = main(["segment", str(tmp_path), "-m", "no_such_model", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2 and "no_such_model" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(tmp_path), "-m", "intensity", "-o", "o", "--median-kernel", "4"])
+    assert exc.value.code == 2
+
+
+def test_models_lists_zoo_and_bundled(capsys):
+    from napari_tae.checkpoint import bundled_checkpoints
+    from napari_tae.models import list_models
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in list_models():
+        assert name in out
+    bundled = bundled_checkpoints()
+    assert len(bundled) >= 2
+    for name in bundled:
+        assert name in out
+    assert out.count("calibration (squash %): p99=") == len(bundled)
+
+
+def test_console_script(cases, tmp_path):
+    script = Path(sys.executable).with_name("napari-tae")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "napari_tae.cli"]
+    done = subprocess.run([*command, "segment", str(cases["plain"]), "-m", "intensity", "-o",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "case_a_provenance.json").is_file()
+    assert "1 of 1 file(s) segmented" in done.stderr

@@ -1,0 +1,75 @@
+"""``napari-tae demo``: sample volume, docked widget, default model; headless screenshot.
+
+Needs a display: run under ``xvfb-run -a``. The sample and the model run take ~10-20 s each on a
+2-core CPU, so the two tests here are the only ones that build the demo.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("qtpy")
+
+from napari_tae.settings import CONFIG_ENV  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch, tmp_path):
+    # the widget remembers settings between sessions; never touch the user's
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
+
+
+def _read_rgb(path) -> np.ndarray:
+    from imageio.v3 import imread
+
+    return np.asarray(imread(path))[..., :3]
+
+
+def test_demo_layers_model_and_visible_mask(make_napari_viewer, qtbot):
+    from napari_tae._sample_data import SAMPLE_NAME
+    from napari_tae.cli import build_demo, default_checkpoint
+
+    viewer = make_napari_viewer()
+    widget = build_demo(viewer, synchronous=True)
+    assert widget.checkpoint_spec() == default_checkpoint() != "intensity"
+    assert widget.image_layer().name == SAMPLE_NAME
+    assert viewer.camera.orientation[1:] == ("up", "left")  # radiological: patient right on the left
+    image = viewer.layers[SAMPLE_NAME]
+    assert image.scale[0] > 1.0 and np.any(np.asarray(image.translate) != 0)
+
+    widget.run()
+    mask = viewer.layers[f"{SAMPLE_NAME} anomaly mask"]
+    assert mask.visible and mask.data.any()
+    np.testing.assert_allclose(mask.scale, image.scale)
+    np.testing.assert_allclose(mask.translate, image.translate)
+
+    # the screenshot shows the mask: its colour is on screen, and hiding it changes the picture
+    with_mask = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    mask.visible = False
+    without = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    changed = np.abs(with_mask - without).sum(axis=-1) > 30
+    assert changed.sum() > 50, changed.sum()
+    colour = (np.asarray(mask.get_color(1))[:3] * 255).astype(int)
+    # blended over grey at opacity 0.6 the label colour dominates its pixels: the changed pixels
+    # lean towards it (their difference from the unmasked image points the same way)
+    direction = colour - without[changed].mean(axis=0)
+    shift = (with_mask[changed] - without[changed]).mean(axis=0)
+    assert float(np.dot(direction, shift)) > 0
+
+
+def test_demo_screenshot_command(tmp_path):
+    """The installed command, as a user runs it: exits 0 and writes a non-empty image."""
+    shot = tmp_path / "demo.png"
+    env = {**os.environ, CONFIG_ENV: str(tmp_path / "config")}
+    done = subprocess.run([sys.executable, "-m", "napari_tae.cli", "demo", "--screenshot", str(shot)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    rgb = _read_rgb(shot)
+    assert rgb.shape[0] > 200 and rgb.shape[1] > 200 and rgb.std() > 5
+    assert "mask of" in done.stderr and "screenshot" in done.stderr
