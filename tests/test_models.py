@@ -26,6 +26,11 @@ BOTTLENECK_64 = {
     "b_tae": (16, 96), "sc_tae": (16, 4, 4), "dc_tae": (512,), "h_tae": (4, 768), "h_tae_s": (4, 768),
     "ae_dense": (512,), "ae_spatial": (16, 4, 4), "vae": (512,), "vq_vae": (16, 4, 4), "intensity": (0,),
 }
+BOTTLENECK_128 = {
+    "b_tae": (64, 96), "sc_tae": (16, 8, 8), "dc_tae": (512,), "h_tae": (16, 768), "h_tae_s": (16, 768),
+    "ae_dense": (512,), "ae_spatial": (16, 8, 8), "vae": (512,), "vq_vae": (16, 8, 8), "intensity": (0,),
+}
+BOTTLENECKS = {64: BOTTLENECK_64, 128: BOTTLENECK_128, 256: BOTTLENECK_256}
 
 # small configs: same architecture, fewer/narrower layers, no dropout
 SMALL = {
@@ -88,7 +93,7 @@ def test_defaults_are_json_and_rebuild_the_same_config(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("size", [64, 256])
+@pytest.mark.parametrize("size", [64, 128, 256])
 def test_paper_config_forward_shapes(name, size):
     torch.manual_seed(0)
     model = build_model(name, img_size=size).eval()
@@ -96,7 +101,7 @@ def test_paper_config_forward_shapes(name, size):
     with torch.no_grad():
         z = model.forward_encoder(x)
         y = model(x)
-    expected = (BOTTLENECK_256 if size == 256 else BOTTLENECK_64)[name]
+    expected = BOTTLENECKS[size][name]
     assert tuple(z.shape) == (1, *expected)
     assert y.shape == x.shape
     assert torch.isfinite(y).all()
