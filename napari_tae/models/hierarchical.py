@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from functools import partial
 from typing import Any
 
 import torch
