@@ -28,14 +28,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _saved(tmp_path: Path, name: str = "b_tae", **kw) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
     model = build_model(name, **SMALL[name])

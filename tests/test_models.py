@@ -47,15 +47,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors on a shared 2-core machine: intra-op threading costs more than it gains (~10x)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _blobs(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """Smooth images in [0, 1]: a few Gaussian blobs each."""
     rng = np.random.default_rng(seed)
