@@ -67,7 +67,7 @@ def resolve_volumes(specs: Sequence[str | os.PathLike], what: str = "--data") ->
     Raises:
         InputError: a spec matches nothing, or the whole list holds no NIfTI file.
     """
-    found: dict[Path, None] = {}
+    found: dict[Path, None] = {}  # absolute, links not followed: names are what pairs files
     for spec in specs:
         spec = os.fspath(spec)
         path = Path(spec)
@@ -82,7 +82,7 @@ def resolve_volumes(specs: Sequence[str | os.PathLike], what: str = "--data") ->
             if not hits:
                 raise InputError(f"{what} {spec}: no such file, folder, or NIfTI files matching the pattern")
         for p in hits:
-            found.setdefault(p.resolve(), None)
+            found.setdefault(p.absolute(), None)
     if not found:
         raise InputError(f"{what}: no volumes given")
     return list(found)

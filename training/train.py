@@ -294,7 +294,7 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
     bar = _progress(n_steps, f"epoch {epoch + 1}", dist_info.is_main)
     t0 = time.perf_counter()
     data_time = 0.0
-    seen = 0
+    seen, step = 0, -1
     t_data = time.perf_counter()
     for step, x in enumerate(batches):
         if step >= n_steps:
@@ -340,7 +340,7 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
-    steps = max(1, min(n_steps, step + 1 if n_steps else 0))
+    steps = max(1, min(n_steps, step + 1))
     totals = torch.stack([loss_sum] + [extra_sums[k] for k in sorted(extra_sums)])
     if dist_info.enabled:
         dist.all_reduce(totals)

@@ -1,0 +1,324 @@
+"""End-to-end tests of ``python -m training {synth,train,evaluate}`` on tiny synthetic data (CPU).
+
+One small dataset and one trained model are shared by the module; every run is in-process through
+the same ``main`` functions the command line uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import train as train_mod
+from training.__main__ import main as cli
+from training.data import InputError, pair_by_name, split_by_volume
+
+# A small spatial CNN AE (3 stride-2 stages, 8 x 8 x 16 bottleneck at 64 px) reconstructs healthy
+# anatomy within a few epochs on CPU.
+MODEL = ["--model", "ae_spatial", "--img-size", "64", "--set", "channels=[32, 64, 64]"]
+EPOCHS = 12
+OPTIM = ["--epochs", str(EPOCHS), "--batch-size", "4", "--lr", "2e-3", "--seed", "0", "--deterministic",
+         "--min-brain-fraction", "0.3", "--log-interval", "5"]
+# shorter runs for resume/NaN checks: fewer epochs, only the largest slices
+SHORT = ["--epochs", "3", "--min-brain-fraction", "0.8"]
+
+
+SHAPE = (64, 76, 64)  # about 3 mm voxels
+
+
+def _write_gm_level_lesions(seed: int, image: Path, label: Path, where: str, n: int = 4,
+                            radius: float = 2.5) -> None:
+    """Balls at grey-matter intensity in white matter (``where="wm"``) or the ventricles ("csf").
+
+    A FLAIR threshold cannot tell them from the (many) normal grey-matter voxels, so they are
+    found only by a model that knows what belongs where: an untrained model scores like the
+    intensity baseline (its output is near-constant, and the median filter removes its noise).
+    """
+    import nibabel as nib
+    from scipy import ndimage as ndi
+
+    from napari_tae.synthetic import healthy_subject
+
+    sub = healthy_subject(seed, shape=SHAPE)
+    data, lesion = sub.data.copy(), np.zeros(sub.data.shape, bool)
+    gm_level = float(np.median(data[sub.gm > 0.8]))
+    if where == "wm":
+        depth = ndi.distance_transform_edt(sub.wm > 0.5)
+        candidates = np.argwhere(depth >= min(radius + 1, depth.max()))
+    else:  # deep CSF = ventricles (sulcal CSF lies near the surface)
+        depth = ndi.distance_transform_edt(sub.brain > 0, sampling=sub.spacing)
+        candidates = np.argwhere((sub.csf > 0.5) & (depth > 15.0))
+    rng = np.random.default_rng(seed)
+    grid = np.indices(data.shape)
+    for c in candidates[rng.choice(len(candidates), min(n, len(candidates)), replace=False)]:
+        lesion |= ((grid - c[:, None, None, None]) ** 2).sum(0) <= radius ** 2
+    lesion &= sub.brain > 0
+    data[lesion] = gm_level * (1 + 0.02 * rng.standard_normal(int(lesion.sum())))
+    nib.save(nib.Nifti1Image(data.astype(np.float32), sub.affine), image)
+    nib.save(nib.Nifti1Image(lesion.astype(np.uint8), sub.affine), label)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    rc = cli(["synth", "--out", str(out), "--n-train", "3", "--n-val", "1", "--n-test", "2",
+              "--n-test-healthy", "1", "--shape", *map(str, SHAPE), "--kinds", "tumour", "ms"])
+    assert rc == 0
+    gm = out / "gm_level"
+    (gm / "images").mkdir(parents=True)
+    (gm / "labels").mkdir()
+    for seed in (100, 102):
+        _write_gm_level_lesions(seed, gm / "images" / f"gm_{seed}.nii.gz",
+                                gm / "labels" / f"gm_{seed}.nii.gz", "wm")
+    return out
+
+
+def _train_argv(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(dataset / "train"), "--val-data", str(dataset / "val"),
+            *MODEL, *OPTIM, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "model.safetensors"
+    assert cli(_train_argv(dataset, out)) == 0
+    return out
+
+
+def _evaluate(dataset: Path, checkpoint: Path, out_json: Path, *extra: str) -> dict:
+    rc = cli(["evaluate", "--checkpoint", str(checkpoint),
+              "--images", str(dataset / "gm_level" / "images" / "*.nii.gz"),
+              "--labels", str(dataset / "gm_level" / "labels"),
+              "--healthy", str(dataset / "test" / "healthy"), "--out-json", str(out_json), *extra])
+    assert rc == 0
+    return json.loads(out_json.read_text())
+
+
+def test_train_writes_calibrated_checkpoint(trained: Path):
+    from napari_tae.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(trained)
+    assert meta.model_name == "ae_spatial" and meta.img_size == 64 and meta.config["channels"] == [32, 64, 64]
+    assert set(meta.calibration) >= {"p99", "p99.5", "p99.9", "default"}
+    assert 0 < meta.calibration["p99"] <= meta.calibration["p99.5"] <= meta.calibration["p99.9"] < 100
+    assert meta.calibration["default"] == meta.calibration["p99"]
+    # per-volume normalisation: the settings are stored, not one volume's window
+    assert meta.preprocessing["normalisation"] == "per_volume"
+    assert meta.preprocessing["upper_percentile"] == 99.5 and "low" not in meta.preprocessing
+    assert meta.training["epochs"] == EPOCHS and 1 <= meta.training["best_epoch"] <= EPOCHS
+    assert meta.training["train_volumes"] == 3 and meta.training["val_volumes"] == 1
+    log_dir = trained.with_name("model_train")
+    rows = (log_dir / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("epoch,train_loss") and len(rows) == EPOCHS + 1
+    assert (log_dir / "args.yaml").is_file()
+    assert train_mod.resume_path_for(trained).is_file()
+    # the shipped weights are the best validation epoch's
+    losses = [float(r.split(",")[rows[0].split(",").index("val_loss")]) for r in rows[1:]]
+    assert meta.training["best_val_loss"] == pytest.approx(min(losses))
+    assert meta.training["best_epoch"] == int(np.argmin(losses)) + 1
+
+
+def test_trained_beats_untrained(dataset: Path, trained: Path, tmp_path: Path):
+    from napari_tae.checkpoint import read_metadata, save_checkpoint
+    from napari_tae.models import build_model
+
+    meta = read_metadata(trained)
+    torch.manual_seed(1)
+    untrained = tmp_path / "untrained.safetensors"
+    save_checkpoint(untrained, build_model(meta.model_name, **meta.config), preprocessing=meta.preprocessing)
+    res_t = _evaluate(dataset, trained, tmp_path / "trained.json", "--out-md", str(tmp_path / "t.md"))
+    res_u = _evaluate(dataset, untrained, tmp_path / "untrained.json")
+    assert res_t["brain"]["auprc"] > 2 * res_u["brain"]["auprc"], (res_t["brain"], res_u["brain"])
+    assert res_t["brain"]["auroc"] > res_u["brain"]["auroc"], (res_t["brain"], res_u["brain"])
+    assert res_t["ssim"]["healthy_volumes"] > res_u["ssim"]["healthy_volumes"]
+    # report structure: upper bound labelled, calibrated threshold from the checkpoint
+    assert res_t["calibrated"]["source"] == "calibrated"
+    assert res_t["calibrated"]["squash_percent"] == pytest.approx(meta.calibration["default"])
+    assert res_u["calibrated"]["source"] == "paper default"
+    assert "upper bound" in res_t["dsc_upper_bound"]["note"]
+    assert 0 <= res_t["calibrated"]["fpr_healthy"] <= 1
+    assert len(res_t["per_volume"]) == 2
+    assert "| AUPRC (brain voxels, pooled) |" in (tmp_path / "t.md").read_text()
+
+
+def test_evaluate_matches_sklearn_on_intensity(dataset: Path, tmp_path: Path):
+    """The streaming numbers equal exact ones computed from all voxels at once."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from napari_tae.io import load_volume
+    from napari_tae.preprocess import prepare_volume
+    from napari_tae.postprocess import median_filtered
+
+    out = tmp_path / "int.json"
+    rc = cli(["evaluate", "--model", "intensity", "--images", str(dataset / "test" / "images"),
+              "--labels", str(dataset / "test" / "labels"), "--masks", str(dataset / "test" / "masks"),
+              "--out-json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    scores, labels = [], []
+    for case in sorted((dataset / "test" / "images").iterdir()):
+        data = load_volume(case).data
+        brain = load_volume(dataset / "test" / "masks" / case.name).data > 0
+        label = load_volume(dataset / "test" / "labels" / case.name).data > 0
+        prepared = prepare_volume(data, size=256, mask=brain)
+        score = median_filtered(prepared.normalised, 5)  # intensity model: residual = normalised FLAIR
+        scores.append(score[brain])
+        labels.append(label[brain])
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    assert res["brain"]["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+    assert res["brain"]["auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-3)
+
+
+def test_resume_gives_uninterrupted_result(dataset: Path, tmp_path: Path, monkeypatch):
+    reference, out = tmp_path / "reference.safetensors", tmp_path / "resumed.safetensors"
+    assert cli(_train_argv(dataset, reference, *SHORT)) == 0
+    real = train_mod.train_one_epoch
+
+    def interrupted(*args, epoch: int, **kwargs):
+        if epoch == 1:  # after epoch 1's state was saved
+            raise KeyboardInterrupt
+        return real(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    assert cli(_train_argv(dataset, out, *SHORT)) == 130
+    assert not out.exists() and train_mod.resume_path_for(out).is_file()
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    assert cli(_train_argv(dataset, out, *SHORT, "--resume")) == 0
+
+    a, b = load_file(str(reference)), load_file(str(out))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from napari_tae.checkpoint import read_metadata
+
+    assert read_metadata(out).calibration == read_metadata(reference).calibration
+    rows = (tmp_path / "resumed_train" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 4
+
+
+def test_nan_loss_stops_clearly(dataset: Path, tmp_path: Path, caplog):
+    out = tmp_path / "nan.safetensors"
+    argv = _train_argv(dataset, out, *SHORT)
+    argv[argv.index("--lr") + 1] = "inf"
+    argv[argv.index("--log-interval") + 1] = "1"
+    with caplog.at_level(logging.ERROR, logger="training.train"):
+        assert cli(argv) == 1
+    assert "training loss became nan" in caplog.text and "lower --lr" in caplog.text
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def _garbage(path: Path) -> Path:
+    path.write_bytes(b"this is not a NIfTI file")
+    return path
+
+
+@pytest.mark.parametrize("case", ["empty_folder", "glob_nothing", "unreadable", "one_volume",
+                                  "out_exists", "unknown_model", "bad_set", "resume_missing"])
+def test_train_bad_input_exits_2_with_one_line(case: str, dataset: Path, tmp_path: Path, capsys):
+    out = tmp_path / "m.safetensors"
+    data = [str(dataset / "train")]
+    extra: list[str] = []
+    model = MODEL
+    if case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        data, expect = [str(tmp_path / "empty")], "folder holds no NIfTI"
+    elif case == "glob_nothing":
+        data, expect = [str(tmp_path / "nowhere" / "*.nii.gz")], "no such file"
+    elif case == "unreadable":
+        bad = tmp_path / "vols"
+        bad.mkdir()
+        for p in sorted((dataset / "train").iterdir())[:2]:
+            (bad / p.name).symlink_to(p)
+        _garbage(bad / "broken.nii.gz")
+        data, expect = [str(bad)], "broken.nii.gz"
+    elif case == "one_volume":
+        data, expect = [str(sorted((dataset / "train").iterdir())[0])], "too few volumes"
+    elif case == "out_exists":
+        out.write_bytes(b"")
+        expect = "exists; pass --overwrite"
+    elif case == "unknown_model":
+        model, expect = ["--model", "no_such_model"], "unknown"
+    elif case == "bad_set":
+        extra, expect = ["--set", "no_such_option=3"], "no_such_option"
+    else:
+        extra, expect = ["--resume"], "no such resume state"
+    argv = ["train", "--data", *data, *model, *OPTIM, "--out", str(out), *extra]
+    if case == "one_volume":
+        argv += ["--val-fraction", "0.5"]
+    with pytest.raises(SystemExit) as exc:
+        cli(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m training train: error:") and expect in err[0], err
+    if case != "out_exists":
+        assert not out.exists()
+
+
+def test_evaluate_mismatched_names_exit_2(dataset: Path, tmp_path: Path, capsys):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    first = sorted((dataset / "test" / "labels").iterdir())[0]
+    (labels / first.name).symlink_to(first)
+    (labels / "stranger.nii.gz").symlink_to(first)
+    with pytest.raises(SystemExit) as exc:
+        cli(["evaluate", "--model", "intensity", "--images", str(dataset / "test" / "images"),
+             "--labels", str(labels)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "case_001" in err and "stranger.nii.gz" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_refuses_trainable_model_without_checkpoint(dataset: Path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(["evaluate", "--model", "ae_spatial", "--images", str(dataset / "test" / "images"),
+             "--labels", str(dataset / "test" / "labels")])
+    assert exc.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- units
+
+
+def test_pair_by_name_role_words_and_errors(tmp_path: Path):
+    imgs = [tmp_path / "sub1_flair.nii.gz", tmp_path / "sub2_flair.nii.gz"]
+    labs = [tmp_path / "sub2_seg.nii.gz", tmp_path / "sub1_seg.nii.gz"]
+    assert pair_by_name(imgs, labs) == [labs[1], labs[0]]
+    with pytest.raises(InputError, match="sub2_flair"):
+        pair_by_name(imgs, labs[1:])
+    assert pair_by_name(imgs, labs[1:], allow_missing=True) == [labs[1], None]
+
+
+def test_split_is_by_volume_and_seeded():
+    paths = [Path(f"v{i}.nii.gz") for i in range(10)]
+    train, val = split_by_volume(paths, 0.2, seed=3)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(paths)
+    assert split_by_volume(paths, 0.2, seed=3) == (train, val)
+    with pytest.raises(InputError, match="too few volumes"):
+        split_by_volume(paths[:1], 0.2, seed=0)
+
+
+def test_amp_is_a_no_op_off_cuda():
+    ctx, scaler = train_mod.amp_setup(torch.device("cpu"), "auto")
+    assert scaler is None
+    with ctx:
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_lesion_slices_are_excluded(dataset: Path, tmp_path: Path):
+    from training.data import load_slices
+
+    images = sorted((dataset / "test" / "images").iterdir())
+    labels = sorted((dataset / "test" / "labels").iterdir())
+    full = load_slices(images, 64, min_brain_fraction=0.3)
+    kept = load_slices(images, 64, min_brain_fraction=0.3, lesion_masks=labels)
+    excluded = sum(v.excluded_lesion for v in kept.volumes)
+    assert excluded > 0 and len(kept) == len(full) - excluded
+    assert kept.slices.dtype == torch.float16 and float(kept.slices.max()) <= 1.0
