@@ -561,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:  # found while loading volumes / building the model, still before training
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except NonFiniteLossError as exc:
-        _logger.error("%s", exc)
+        state = Path(args.resume) if args.resume not in (None, "auto") else resume_path_for(args.out)
+        _logger.error("%s; stopped, %s not written%s", exc, args.out,
+                      f" (last completed epoch's state: {state})" if state.exists() else "")
         return 1
     except KeyboardInterrupt:
         _logger.error("interrupted; continue with --resume (state: %s)",
