@@ -76,6 +76,6 @@ def make_sample_data() -> list[LayerData]:
     image_kwargs = layer_kwargs(volume.geometry, SAMPLE_NAME)
     image_kwargs.update(colormap="gray", contrast_limits=contrast_limits(volume.data))
     labels_kwargs = layer_kwargs(volume.geometry, f"{SAMPLE_NAME}_ground_truth")
-    # drawn as an outline so the model's filled mask stays readable on top of it
-    labels_kwargs.update(contour=1, opacity=0.8)
+    # translucent, so the FLAIR under it stays readable (napari's add_labels takes no contour=)
+    labels_kwargs.update(opacity=0.5)
     return [(volume.data, image_kwargs, "image"), (truth, labels_kwargs, "labels")]

@@ -397,7 +397,9 @@ def bundled_summary() -> list[dict[str, Any]]:
 def _format_calibration(calibration: dict[str, Any]) -> str:
     if not calibration:
         return "none (squash 1%)"
-    return ", ".join(f"{k}={float(v):.3g}%" for k, v in calibration.items())
+    order = ["p99", "p99.5", "p99.9", "default"]
+    keys = [k for k in order if k in calibration] + [k for k in calibration if k not in order]
+    return ", ".join(f"{k}={float(calibration[k]):.3g}%" for k in keys)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -464,7 +466,9 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
     path = resolve_checkpoint(spec)  # fail early, with the one-line message, on a bad name
     layers = make_sample_data()
     for data, kwargs, kind in layers:
-        getattr(viewer, f"add_{kind}")(data, **kwargs)
+        layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
+    # the ground truth as an outline, so the model's filled mask stays readable on top of it
+    layer.contour = 1
     widget = AnomalyWidget(viewer, synchronous=synchronous)
     viewer.window.add_dock_widget(widget, name="Find anomalies (TAE)", area="right")
     widget.image_combo.setCurrentText(SAMPLE_NAME)
@@ -495,6 +499,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     With ``--screenshot`` the model runs synchronously, the viewer is saved to the file and the
     command exits; otherwise the napari event loop runs until the window is closed.
     """
+    # torch/timm first: loading them after Qt's OpenGL libraries segfaults (seen with triton's
+    # shared library under PyQt6), and the widget would import them on the first run anyway
+    import napari_tae.inference  # noqa: F401
+    import napari_tae.models  # noqa: F401
+
     import napari
 
     headless = args.screenshot is not None
@@ -512,6 +521,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _logger.info("demo: model '%s' selected; press Run in the dock", widget.checkpoint_spec())
             napari.run()
             return 0
+        # room for the canvas and the dock side by side (Xvfb's default screen is small)
+        viewer.window.resize(1400, 900)
         widget.run()
         mask_layers = [layer for layer in viewer.layers if layer.name.endswith("anomaly mask")]
         if not mask_layers:

@@ -15,6 +15,9 @@ import pytest
 
 pytest.importorskip("qtpy")
 
+# torch/timm before any OpenGL context: importing them after one segfaults (triton, PyQt6)
+import napari_tae.inference  # noqa: E402, F401
+import napari_tae.models  # noqa: E402, F401
 from napari_tae.settings import CONFIG_ENV  # noqa: E402
 
 
@@ -34,7 +37,8 @@ def test_demo_layers_model_and_visible_mask(make_napari_viewer, qtbot):
     from napari_tae._sample_data import SAMPLE_NAME
     from napari_tae.cli import build_demo, default_checkpoint
 
-    viewer = make_napari_viewer()
+    # a shown window: with show=False napari 0.9's canvas screenshots come back black
+    viewer = make_napari_viewer(show=True)
     widget = build_demo(viewer, synchronous=True)
     assert widget.checkpoint_spec() == default_checkpoint() != "intensity"
     assert widget.image_layer().name == SAMPLE_NAME
@@ -49,8 +53,11 @@ def test_demo_layers_model_and_visible_mask(make_napari_viewer, qtbot):
     np.testing.assert_allclose(mask.translate, image.translate)
 
     # the screenshot shows the mask: its colour is on screen, and hiding it changes the picture
+    viewer.window.resize(1400, 900)
+    qtbot.wait(100)  # let the layout settle so both screenshots have the same size
     with_mask = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
     mask.visible = False
+    qtbot.wait(50)
     without = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
     changed = np.abs(with_mask - without).sum(axis=-1) > 30
     assert changed.sum() > 50, changed.sum()

@@ -1,0 +1,88 @@
+"""The bundled checkpoints: present, small, honest metadata, and useful on the bundled sample.
+
+The default bundled model must find the sample's anomalies at its calibrated (label-free)
+threshold with the default post-processing: Dice >= 0.5. AUPRC is printed beside the intensity
+baseline's (``pytest -s`` shows it) so a regression in either is visible.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from napari_tae.checkpoint import bundled_checkpoints, load_checkpoint, read_metadata
+
+MAX_BYTES = 25 * 1024 * 1024
+EXPECTED_MODELS = {"dc_tae", "h_tae_s"}
+
+
+def test_bundled_files_small_calibrated_and_marked_synthetic():
+    bundled = bundled_checkpoints()
+    models = {read_metadata(path).model_name for path in bundled.values()}
+    assert EXPECTED_MODELS <= models, bundled
+    for name, path in bundled.items():
+        assert path.stat().st_size < MAX_BYTES, (name, path.stat().st_size)
+        meta = read_metadata(path)
+        assert {"p99", "p99.5", "p99.9", "default"} <= set(meta.calibration), name
+        assert 0 < meta.calibration["p99"] <= meta.calibration["p99.5"] <= meta.calibration["p99.9"]
+        # users must be told plainly these weights never saw a real brain
+        assert "synthetic" in str(meta.training.get("data", "")).lower(), meta.training
+        assert meta.training.get("reproduce", "").startswith("python -m training train"), name
+        model, _ = load_checkpoint(path)
+        assert not model.training
+
+
+@pytest.fixture(scope="module")
+def sample():
+    from napari_tae._sample_data import sample_volume
+
+    return sample_volume()
+
+
+def _scores(volume, model, meta):
+    from napari_tae.inference import segment
+    from napari_tae.postprocess import median_filtered
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = segment(volume, model, meta, device="cpu")
+    # the evaluation protocol's score: the median-filtered residual, inside the brain
+    return seg, median_filtered(seg.residual, seg.settings["median_kernel"], seg.settings["median_mode"])
+
+
+def _auprc(score, truth, brain) -> float:
+    try:
+        from training.metrics import average_precision
+    except ImportError:  # the plugin may be installed without the training package
+        from sklearn.metrics import average_precision_score
+
+        return float(average_precision_score(truth[brain], score[brain]))
+    return average_precision(score, truth, brain)
+
+
+def test_default_model_finds_the_sample_lesions(sample):
+    from napari_tae.cli import default_checkpoint
+    from napari_tae.models import build_model
+
+    volume, labels = sample
+    truth = labels > 0
+    name = default_checkpoint()
+    model, meta = load_checkpoint(bundled_checkpoints()[name])
+    seg, score = _scores(volume, model, meta)
+    assert seg.settings["squash_source"] == "calibrated"
+    assert seg.settings["squash"] == pytest.approx(meta.calibration["default"])
+    dice = 2 * np.count_nonzero(seg.mask & truth) / (np.count_nonzero(seg.mask) + np.count_nonzero(truth))
+    ap_model = _auprc(score, truth, seg.brain)
+
+    base, base_score = _scores(volume, build_model("intensity"), None)
+    ap_base = _auprc(base_score, truth, base.brain)
+    base_dice = 2 * np.count_nonzero(base.mask & truth) / (np.count_nonzero(base.mask) + np.count_nonzero(truth))
+    print(f"\n{name}: Dice {dice:.3f} at calibrated squash {seg.settings['squash']:.2f}%, "
+          f"AUPRC {ap_model:.3f}; intensity baseline: AUPRC {ap_base:.3f}, Dice {base_dice:.3f} at 1%")
+    assert math.isfinite(ap_model) and math.isfinite(ap_base)
+    assert dice >= 0.5, f"Dice {dice:.3f} of {name} on the sample"
+    # every labelled lesion voxel it misses should not be made up by a flood of false positives
+    assert np.count_nonzero(seg.mask) < 3 * np.count_nonzero(truth)
