@@ -29,4 +29,4 @@ test: sysdeps $(VENV)/.installed
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest -q
 
 benchmark: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py
+	for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

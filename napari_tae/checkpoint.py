@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
+from ._atomic import atomic_path
 from .layers import ReconstructionModel
 
 __all__ = [
@@ -140,13 +141,8 @@ def save_checkpoint(
         sha256=weights_sha256(state),
     )
     header = {"format": "pt", _META_KEY: _json(meta.to_dict(), "checkpoint metadata")}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -11,10 +11,8 @@ No napari import in this module: it is shared by the plugin, the CLI and trainin
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+from napari_tae._atomic import atomic_path
 
 __all__ = [
     "GEOMETRY_KEY",
@@ -373,20 +373,8 @@ def save_volume(
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     # affine=None: the header's qform/sform and their codes are written unchanged
     img = image_class(disk, None, header=header)
-    suffix = ".nii.gz" if path.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        # mkstemp creates 0600; give the file the permissions a normal write would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return Path(path)
 
 

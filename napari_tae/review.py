@@ -15,7 +15,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_tae._atomic import atomic_path, write_text_atomic
 from napari_tae.postprocess import anomaly_mask, label_lesions, lesion_table, ml_to_voxels, slice_mask
 
 __all__ = [
@@ -426,17 +426,6 @@ def provenance(state: ReviewState, *, input_file: str | None, n_lesions: int,
     return _jsonable(record)
 
 
-def _atomic_text(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_lesion_csv(lesions: list[dict], path: str | os.PathLike) -> Path:
     """Lesion table as CSV; (z, y, x) tuples become ``<name>_z``, ``_y``, ``_x`` columns."""
     rows = []
@@ -452,14 +441,11 @@ def write_lesion_csv(lesions: list[dict], path: str | os.PathLike) -> Path:
     columns = list(rows[0]) if rows else ["label", "voxels", "volume_ml", "max_residual",
                                          "mean_residual"]
 
-    def write(fh):
-        w = csv.DictWriter(fh, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-
-    path = Path(path)
-    _atomic_text(path, write)
-    return path
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
 
 
 def export_results(
@@ -515,5 +501,5 @@ def export_results(
     write_lesion_csv(lesions, paths["lesions"])
     record = provenance(state, input_file=input_file, n_lesions=len(lesions), extra=extra)
     record["files"] = {k: p.name for k, p in paths.items()}
-    _atomic_text(paths["provenance"], lambda fh: json.dump(record, fh, indent=2))
+    write_text_atomic(paths["provenance"], json.dumps(record, indent=2))
     return paths

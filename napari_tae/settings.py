@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from napari_tae._atomic import write_text_atomic
 
 __all__ = [
     "CONFIG_ENV",
@@ -130,15 +131,7 @@ def save_settings(settings: Settings, path: str | os.PathLike | None = None) -> 
     p = Path(path) if path is not None else settings_path()
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        # temp file in the same folder + os.replace: a crash mid-write never leaves half a file
-        fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".json", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(settings.to_dict(), fh, indent=2)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(p, json.dumps(settings.to_dict(), indent=2))
     except OSError as exc:
         warnings.warn(f"{p}: cannot save settings ({exc})", SettingsWarning, stacklevel=2)
         return None

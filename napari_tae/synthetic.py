@@ -35,6 +35,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_tae._atomic import atomic_path, write_text_atomic
+
 __all__ = [
     "KINDS",
     "KIND_LABELS",
@@ -756,9 +758,8 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    tmp = path.with_name(".tmp_" + path.name)  # keeps the .nii.gz ending nibabel keys on
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
     return path
 
 
@@ -864,9 +865,7 @@ def write_dataset(
         counts = {k: int(np.count_nonzero(labels == v)) for k, v in KIND_LABELS.items() if k in case_kinds}
         entry = {k: str(f.relative_to(out)) for k, f in files.items()}
         manifest["test"].append({**entry, "anomaly_kinds": case_kinds, "anomaly_voxels": counts, **sub.params})
-    tmp = manifest_path.with_name(".tmp_manifest.json")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     paths["manifest"] = manifest_path
     return paths
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_tae._atomic import write_text_atomic
 from training.data import InputError, pair_by_name, resolve_volumes, volume_stem
 from training.metrics import BinnedScores, dice, mean_std, slice_dice_smoothed, ssim_slices
 
@@ -328,14 +328,6 @@ def format_markdown(results: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _json_safe(obj: Any) -> Any:
     """nan/inf as null: strict JSON readers reject NaN."""
     if isinstance(obj, float):
@@ -369,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": name, "checkpoint": args.checkpoint, **results}
     title = f"{name}" + (f" ({Path(args.checkpoint).name})" if args.checkpoint else "")
     markdown = format_markdown(results, title)
-    if args.out_json:
-        _write_atomic(args.out_json, json.dumps(_json_safe(results), indent=1) + "\n")
-    if args.out_md:
-        _write_atomic(args.out_md, markdown)
+    for out, text in ((args.out_json, json.dumps(_json_safe(results), indent=1) + "\n"),
+                      (args.out_md, markdown)):
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out, text)
     sys.stdout.write(markdown)
     return 0
 

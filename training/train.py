@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from napari_tae._atomic import atomic_path
 from training.data import (InputError, SliceDataset, collate_batch, fit_volume_norm, iter_batches,
                            load_slices, norm_settings, pair_by_name, resolve_volumes, split_by_volume)
 
@@ -417,13 +418,8 @@ def calibrate_model(model: nn.Module, volumes: list[Path], *, lesion_masks: list
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _gather_rng(dist_info: DistInfo) -> dict[str, Any]:
@@ -458,12 +454,10 @@ def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def _tensorboard(log_dir: Path):
