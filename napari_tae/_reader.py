@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from napari_tae.io import is_nifti_path, layer_kwargs, load_volume
+from napari_tae.io import Volume, is_nifti_path, layer_kwargs, load_mask, load_volume
 from napari_tae.preprocess import brain_mask
 
 __all__ = [
     "RADIOLOGICAL_ORIENTATION",
     "contrast_limits",
+    "is_label_volume",
     "napari_get_reader",
     "read_nifti",
     "set_radiological_view",
@@ -27,6 +28,9 @@ __all__ = [
 
 LayerData = tuple[Any, dict[str, Any], str]
 PathOrPaths = str | Sequence[str]
+
+#: A file with integer voxels taking at most this many values opens as a Labels layer.
+MAX_LABEL_VALUES = 256
 
 #: Camera orientation (depth, vertical, horizontal) for the (S, A, R) axes: anterior up, the
 #: patient's right on the screen's left, superior away from the viewer (seen from the feet).
@@ -73,13 +77,30 @@ def _layer_name(path: str) -> str:
     return name
 
 
+def is_label_volume(volume: Volume) -> bool:
+    """True for masks and label maps: integer storage and few distinct integer values."""
+    if volume.geometry.source_header.get_data_dtype().kind not in "iub":
+        return False
+    values = np.unique(volume.data)
+    return values.size <= MAX_LABEL_VALUES and bool(np.all(values == np.round(values)))
+
+
 def read_nifti(path: PathOrPaths) -> list[LayerData]:
-    """Read one or more NIfTI volumes as Image layers (raises VolumeError on broken files)."""
+    """Read NIfTI volumes: masks/label maps as Labels, anything else as Image layers.
+
+    Raises VolumeError on broken files. An all-zero mask (a lesion-free case) is a valid Labels
+    file; a constant image is refused.
+    """
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     layers = []
     for p in paths:
-        volume = load_volume(p)
+        volume = load_mask(p)
         kwargs = layer_kwargs(volume.geometry, _layer_name(os.fspath(p)))
+        if is_label_volume(volume):
+            layers.append((volume.data.astype(np.int32), kwargs, "labels"))
+            continue
+        if volume.data.min() == volume.data.max():
+            load_volume(p)  # refuses constant images with its usual message
         kwargs.update(colormap="gray", contrast_limits=contrast_limits(volume.data))
         layers.append((volume.data, kwargs, "image"))
     _radiological_current_viewer()

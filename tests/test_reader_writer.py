@@ -211,3 +211,36 @@ def test_real_ms_volume_geometry(tmp_path):
         save_volume(lesions.data, geo, out, labels=True)
         np.testing.assert_array_equal(nib.load(out).get_fdata(), nib.load(LESIONS).get_fdata())
         np.testing.assert_allclose(nib.load(out).affine, img.affine)
+
+
+def _write(tmp_path, name, data) -> str:
+    img = nib.Nifti1Image(data, LPS)
+    img.header.set_qform(LPS, code=1)
+    img.header.set_sform(LPS, code=2)
+    path = os.fspath(tmp_path / name)
+    nib.save(img, path)
+    return path
+
+
+def test_reader_opens_masks_as_labels_and_scans_as_images(tmp_path, lps_file):
+    lesions = np.zeros(SHAPE, np.uint8)
+    lesions[5:9, 10:14, 3:5] = 1
+    lesions[15:18, 20:22, 4] = 2
+    data, kwargs, kind = read_nifti(_write(tmp_path, "lesions.nii.gz", lesions))[0]
+    assert kind == "labels" and data.dtype.kind == "i"
+    assert set(np.unique(data)) == {0, 1, 2} and int(data.sum()) == int(lesions.sum())
+    assert kwargs["scale"] == pytest.approx((3.0, 1.1, 0.9))
+    # a lesion-free case is a valid mask file
+    data, _, kind = read_nifti(_write(tmp_path, "empty.nii.gz", np.zeros(SHAPE, np.int16)))[0]
+    assert kind == "labels" and not data.any()
+    # integer FLAIR with many grey values stays an image
+    assert read_nifti(_write(tmp_path, "int_flair.nii.gz", (10 * _brainish()).astype(np.int16)))[0][2] == "image"
+    assert read_nifti(lps_file)[0][2] == "image"
+    with pytest.raises(VolumeError, match="constant"):
+        read_nifti(_write(tmp_path, "flat.nii.gz", np.full(SHAPE, 3.5, np.float32)))
+
+
+@pytest.mark.skipif(not LESIONS.exists(), reason="real MS data not present")
+def test_real_lesion_mask_opens_as_labels():
+    data, kwargs, kind = read_nifti(os.fspath(LESIONS))[0]
+    assert kind == "labels" and data.shape == (182, 218, 182) and data.any()
