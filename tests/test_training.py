@@ -321,3 +321,17 @@ def test_lesion_slices_are_excluded(dataset: Path, tmp_path: Path):
     excluded = sum(v.excluded_lesion for v in kept.volumes)
     assert excluded > 0 and len(kept) == len(full) - excluded
     assert kept.slices.dtype == torch.float16 and float(kept.slices.max()) <= 1.0
+
+
+def test_empty_lesion_mask_excludes_nothing(dataset: Path, tmp_path: Path):
+    import nibabel as nib
+
+    from training.data import load_slices
+
+    image = sorted((dataset / "test" / "images").iterdir())[0]
+    img = nib.load(image)
+    empty = tmp_path / image.name
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), empty)
+    kept = load_slices([image], 64, min_brain_fraction=0.3, lesion_masks=[empty])
+    assert sum(v.excluded_lesion for v in kept.volumes) == 0
+    assert len(kept) == len(load_slices([image], 64, min_brain_fraction=0.3))

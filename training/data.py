@@ -192,10 +192,10 @@ def collate_batch(batch):
 
 
 def _load_lesion(path: Path, shape: tuple[int, ...], volume_path: Path) -> np.ndarray:
-    from napari_tae.io import VolumeError, load_volume
+    from napari_tae.io import VolumeError, load_mask
 
     try:
-        lesion = load_volume(path).data > 0
+        lesion = load_mask(path).data > 0
     except VolumeError as exc:
         raise InputError(str(exc)) from None
     if lesion.shape != tuple(shape):

@@ -123,10 +123,11 @@ def load_model(args: argparse.Namespace):
 
 
 def _load(path: Path, shape: tuple[int, ...] | None = None, what: str = "volume") -> np.ndarray:
-    from napari_tae.io import VolumeError, load_volume
+    from napari_tae.io import VolumeError, load_mask, load_volume
 
     try:
-        data = load_volume(path).data
+        # a label map may be empty (a lesion-free case); an image may not be constant
+        data = (load_volume(path) if what == "volume" else load_mask(path)).data
     except VolumeError as exc:
         raise InputError(str(exc)) from None
     if shape is not None and data.shape != shape:

@@ -396,7 +396,7 @@ def calibrate_model(model: nn.Module, volumes: list[Path], *, lesion_masks: list
     import numpy as np
 
     from napari_tae.inference import reconstruct
-    from napari_tae.io import load_volume
+    from napari_tae.io import load_mask, load_volume
     from napari_tae.postprocess import calibrate
 
     residuals, brains = [], []
@@ -407,7 +407,7 @@ def calibrate_model(model: nn.Module, volumes: list[Path], *, lesion_masks: list
         rec = reconstruct(model, data, brain=brain, norm=volume_norm, device=device, batch_size=batch_size)
         brain = np.asarray(rec.brain, bool)
         if lesion_path is not None:
-            brain = brain & ~(load_volume(lesion_path).data > 0)
+            brain = brain & ~(load_mask(lesion_path).data > 0)
         residuals.append(rec.residual)
         brains.append(brain)
     return {k: float(v) for k, v in calibrate(residuals, brains, kernel=kernel, mode=mode).items()}
