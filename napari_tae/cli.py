@@ -493,6 +493,15 @@ def _bundled_names() -> set[str]:
     return set(bundled_checkpoints())
 
 
+def _settle_qt(rounds: int = 10) -> None:
+    """Let Qt lay out and paint pending changes (the headless demo has no event loop running)."""
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    for _ in range(rounds):
+        app.processEvents()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run ``napari-tae demo``: napari with the sample volume, the widget and the default model.
 
@@ -505,6 +514,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import napari_tae.models  # noqa: F401
 
     import napari
+
+    from napari_tae._sample_data import SAMPLE_NAME
 
     headless = args.screenshot is not None
     if headless:
@@ -523,10 +534,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 0
         # room for the canvas and the dock side by side (Xvfb's default screen is small)
         viewer.window.resize(1400, 900)
+        _settle_qt()
         widget.run()
         mask_layers = [layer for layer in viewer.layers if layer.name.endswith("anomaly mask")]
         if not mask_layers:
             raise CLIError(f"demo: the model run produced no mask ({widget.status.text()})")
+        # the ground truth's outline on top of the result layers, as a reader would compare them
+        truth = viewer.layers[f"{SAMPLE_NAME}_ground_truth"]
+        viewer.layers.move(viewer.layers.index(truth), len(viewer.layers))
+        _settle_qt()
         viewer.screenshot(str(shot), canvas_only=False, flash=False)
         n_voxels = int(np.count_nonzero(mask_layers[0].data))
         _logger.info("demo: %s, mask of %d voxels, screenshot %s", widget.status.text(), n_voxels, shot)
