@@ -185,7 +185,7 @@ def _check_outputs(job: _Job, inputs: list[Path], overwrite: bool) -> None:
         )
 
 
-def _brain_mask_for(job: _Job, brain_arg: str | None, shape: tuple[int, ...]) -> Any:
+def _brain_mask_for(job: _Job, brain_arg: str | None, geometry: Any) -> Any:
     """The supplied brain mask for this input (a file, or a folder of masks named like the inputs)."""
     if brain_arg is None:
         return None
@@ -199,12 +199,23 @@ def _brain_mask_for(job: _Job, brain_arg: str | None, shape: tuple[int, ...]) ->
             raise CLIError(f"{job.source}: no brain mask {job.name}.nii[.gz] in {path}")
         path = found[0]
     mask = load_volume(path)
-    if mask.data.shape != shape:
+    if mask.data.shape != geometry.shape:
         raise CLIError(
-            f"{path}: brain mask shape {mask.data.shape} doesn't match the volume {shape} "
-            f"of {job.source}"
+            f"{path}: brain mask shape {mask.data.shape} doesn't match the volume "
+            f"{geometry.shape} of {job.source}"
         )
+    # same shape is not enough: a mask of another scan or orientation would land off the brain
+    if not np.allclose(_ras_affine(mask.geometry), _ras_affine(geometry), atol=1e-3):
+        raise CLIError(f"{path}: brain mask is on another grid (affine) than {job.source}")
     return mask.data > 0
+
+
+def _ras_affine(geometry: Any) -> np.ndarray:
+    """Affine of the canonical (RAS) array, to compare two volumes' grids."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation
+
+    ornt = io_orientation(geometry.source_affine)
+    return geometry.source_affine @ inv_ornt_aff(ornt, geometry.source_shape[:3])
 
 
 def _plain(value: Any) -> Any:
@@ -277,7 +288,7 @@ def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckp
     from napari_tae.review import write_lesion_csv
 
     volume = load_volume(job.source)
-    brain = _brain_mask_for(job, args.brain_mask, volume.data.shape)
+    brain = _brain_mask_for(job, args.brain_mask, volume.geometry)
     result = segment(
         volume,
         model,

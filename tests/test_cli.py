@@ -200,3 +200,21 @@ def test_console_script(cases, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "case_a_provenance.json").is_file()
     assert "1 of 1 file(s) segmented" in done.stderr
+
+
+def test_brain_mask_file_and_mismatch(cases, tmp_path):
+    from napari_tae.io import load_volume, save_volume
+
+    volume = load_volume(cases["plain"])
+    # half the brain only: the mask must confine the result
+    brain = volume.data > 0
+    brain[:, :, : brain.shape[2] // 2] = False
+    mask_file = save_volume(brain.astype(np.uint8), volume.geometry, tmp_path / "brain.nii.gz", labels=True)
+    out_dir = tmp_path / "out"
+    status = main(["-q", "segment", str(cases["plain"]), str(cases["oblique"]), "-m", "intensity",
+                   "-o", str(out_dir), "--brain-mask", str(mask_file), "--squash", "30"])
+    assert status == 1  # the oblique case has another grid: named, skipped
+    written = load_volume(out_dir / "case_a_mask.nii.gz").data > 0
+    assert written.any() and not (written & ~brain).any()
+    assert json.loads((out_dir / "case_a_provenance.json").read_text())["settings"]["brain_mask"] == "supplied"
+    assert not (out_dir / "case_b_mask.nii.gz").exists()
