@@ -58,6 +58,8 @@ __all__ = ["AnomalyWidget"]
 RESULT_KEY = "napari_tae_result"     # layer.metadata: kind of result layer ("reconstruction", ...)
 SOURCE_KEY = "napari_tae_source"     # layer.metadata: name of the input layer it was computed from
 _BROWSE = "Browse..."
+#: Squash slider range in percent of the intensity range; widened when a checkpoint calibrates higher.
+SQUASH_MAX = 20.0
 _KINDS = ("reconstruction", "residual", "anomaly mask")
 _TABLE_COLUMNS = ("#", "volume (mL)", "voxels", "max residual", "mean residual", "centroid (z, y, x)")
 NEXT_KEY, PREV_KEY = "n", "Shift-N"  # 'p' is napari's paint-mode key on Labels layers
@@ -130,7 +132,7 @@ class AnomalyWidget(QWidget):
 
         self.kernel_spin = QSpinBox(minimum=1, maximum=15, singleStep=2, value=s.kernel)
         self.squash_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.squash_slider.setRange(0.0, 20.0)
+        self.squash_slider.setRange(0.0, SQUASH_MAX)
         self.squash_slider.setDecimals(2)
         self.squash_slider.setValue(1.0)
         self.reset_button = QPushButton("Reset to calibrated")
@@ -291,7 +293,14 @@ class AnomalyWidget(QWidget):
         """Squash back to the checkpoint's calibrated default (1 % without calibration)."""
         from napari_tae.inference import default_squash
 
-        self.squash_slider.setValue(default_squash(self._meta)[0])
+        self.set_squash(default_squash(self._meta)[0])
+
+    def set_squash(self, squash: float) -> None:
+        """Set the squash slider, widening its range so a value above 20 % is not clamped."""
+        top = max(SQUASH_MAX, float(np.ceil(1.5 * squash)))
+        if self.squash_slider.maximum() != top:
+            self.squash_slider.setRange(0.0, top)
+        self.squash_slider.setValue(squash)
 
     def _on_device_changed(self, device: str) -> None:
         from napari_tae.inference import select_device
@@ -506,7 +515,7 @@ class AnomalyWidget(QWidget):
         for w in widgets:
             w.blockSignals(True)
         self.kernel_spin.setValue(post.kernel)
-        self.squash_slider.setValue(post.squash)
+        self.set_squash(post.squash)
         self.min_size_spin.setValue(post.min_size)
         self.min_unit_combo.setCurrentText(post.min_size_unit)
         self.mode_check.setChecked(post.mode == "3d")

@@ -305,3 +305,16 @@ def test_opens_in_fresh_napari_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 0 and "opened" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_calibrated_squash_above_20_percent_is_not_clamped(make_napari_viewer, files, tmp_path):
+    model = build_model("b_tae", img_size=64, depth=1, embed_dim=32, num_heads=2, patch_size=8)
+    high = save_checkpoint(tmp_path / "blurry.safetensors", model, preprocessing={},
+                           calibration={"p99": 34.9, "default": 34.9})
+    viewer, widget, _, _ = _widget(make_napari_viewer, files)
+    assert widget.load_checkpoint_file(str(high))
+    assert widget.squash_slider.value() == pytest.approx(34.9)
+    assert widget.squash_slider.maximum() >= 34.9
+    widget.squash_slider.setValue(5.0)
+    widget.reset_squash()
+    assert widget.squash_slider.value() == pytest.approx(34.9)
