@@ -285,8 +285,8 @@ def test_works_through_napari_public_proxy(make_napari_viewer, qtbot, files):
     widget.close()
 
 
-def test_opens_in_fresh_napari_process(tmp_path):
-    """Fresh process, canvas first, widget second (the real plugin order).
+def test_opens_and_runs_in_fresh_napari_process(tmp_path, files):
+    """Fresh process, canvas first, widget and model run second (the real plugin order).
 
     In-process tests import torch before any viewer exists, which hides a crash: triton loaded
     after napari's OpenGL canvas segfaults next to Mesa's llvmpipe.
@@ -296,15 +296,23 @@ def test_opens_in_fresh_napari_process(tmp_path):
     import sys
 
     code = ("import napari\n"
+            "from napari_tae.io import layer_kwargs, load_volume\n"
             "v = napari.Viewer(show=False)\n"
+            f"vol = load_volume({str(files['flair'])!r})\n"
+            "v.add_image(vol.data, **layer_kwargs(vol.geometry, 'flair'))\n"
             "from napari_tae._widget import AnomalyWidget\n"
-            "w = AnomalyWidget(v)\n"
+            "w = AnomalyWidget(v, synchronous=True)\n"
             "print('opened', w.model_combo.count())\n"
+            "w.device_combo.setCurrentText('cpu')\n"
+            f"assert w.load_checkpoint_file({str(files['ckpt'])!r})\n"
+            "w.run()\n"
+            "print('layers', sorted(layer.name for layer in v.layers))\n"
             "w.close(); v.close()\n")
     env = {**os.environ, CONFIG_ENV: str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 0 and "opened" in proc.stdout, proc.stderr[-2000:]
+    assert "flair anomaly mask" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 def test_calibrated_squash_above_20_percent_is_not_clamped(make_napari_viewer, files, tmp_path):
