@@ -87,7 +87,7 @@ def _train_argv(dataset: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "model.safetensors"
-    assert cli(_train_argv(dataset, out)) == 0
+    assert cli(_train_argv(dataset, out, "--data-note", "synthetic volumes only")) == 0
     return out
 
 
@@ -113,6 +113,7 @@ def test_train_writes_calibrated_checkpoint(trained: Path):
     assert meta.preprocessing["upper_percentile"] == 99.5 and "low" not in meta.preprocessing
     assert meta.training["epochs"] == EPOCHS and 1 <= meta.training["best_epoch"] <= EPOCHS
     assert meta.training["train_volumes"] == 3 and meta.training["val_volumes"] == 1
+    assert meta.training["data"] == "synthetic volumes only"
     log_dir = trained.with_name("model_train")
     rows = (log_dir / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,train_loss") and len(rows) == EPOCHS + 1

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("output")
     group.add_argument("--out", required=True, metavar="FILE.safetensors")
     group.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    group.add_argument("--data-note", metavar="TEXT",
+                       help="what the training data were, stored in the checkpoint (shown by "
+                            "'napari-tae models'), e.g. 'synthetic volumes only'")
     group.add_argument("--resume", nargs="?", const="auto", metavar="STATE",
                        help="continue from the resume state (default <out>.resume.pt)")
     group.add_argument("--log-dir", help="CSV log, args.yaml, TensorBoard (default <out>_train/)")
@@ -714,6 +717,8 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
             "excluded_lesion_slices": sum(v.excluded_lesion for v in train_set.volumes + val_set.volumes),
             "calibration_kernel": args.calib_kernel, "calibration_mode": args.calib_mode,
         }
+        if args.data_note:
+            training["data"] = args.data_note
         from napari_tae.checkpoint import save_checkpoint
 
         out.parent.mkdir(parents=True, exist_ok=True)
