@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_tae.io import Volume, is_nifti_path, layer_kwargs, load_mask, load_volume
+from napari_tae.io import Volume, is_nifti_path, layer_kwargs, load_mask, load_volume, nifti_stem
 from napari_tae.preprocess import brain_mask
 
 __all__ = [
@@ -69,14 +69,6 @@ def set_radiological_view(viewer: Any) -> None:
     viewer.camera.orientation = RADIOLOGICAL_ORIENTATION
 
 
-def _layer_name(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def is_label_volume(volume: Volume) -> bool:
     """True for masks and label maps: integer storage and few distinct integer values."""
     if volume.geometry.source_header.get_data_dtype().kind not in "iub":
@@ -95,7 +87,7 @@ def read_nifti(path: PathOrPaths) -> list[LayerData]:
     layers = []
     for p in paths:
         volume = load_mask(p)
-        kwargs = layer_kwargs(volume.geometry, _layer_name(os.fspath(p)))
+        kwargs = layer_kwargs(volume.geometry, nifti_stem(p))
         if is_label_volume(volume):
             layers.append((volume.data.astype(np.int32), kwargs, "labels"))
             continue

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_tae.io import NIFTI_SUFFIXES, is_nifti_path, nifti_stem
+
 __all__ = [
     "DEFAULT_CHECKPOINT",
     "OUTPUT_SUFFIXES",
@@ -47,7 +49,6 @@ OUTPUT_SUFFIXES = (
 )
 #: Exit statuses above 125 mean "killed by a signal" or "command not found" to a shell.
 _MAX_EXIT = 125
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class CLIError(Exception):
@@ -56,19 +57,6 @@ class CLIError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # helpers shared by the subcommands
-
-
-def _stem(path: str | os.PathLike) -> str:
-    """File name without ``.nii``/``.nii.gz`` (any case)."""
-    name = os.path.basename(os.fspath(path))
-    for suffix in _NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _is_nifti(path: str | os.PathLike) -> bool:
-    return os.fspath(path).lower().endswith(_NIFTI_SUFFIXES)
 
 
 def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -81,7 +69,7 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p))
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
             if not found:
                 raise CLIError(f"{path}: folder holds no .nii or .nii.gz file")
             files.extend(found)
@@ -156,7 +144,7 @@ def _plan_jobs(files: list[Path], out_dir: Path) -> tuple[list[_Job], list[tuple
     failed: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
     for source in files:
-        name = _stem(source)
+        name = nifti_stem(source)
         if name in seen:
             failed.append((source, f"same output name '{name}' as {seen[name]}; rename one"))
             continue
@@ -193,7 +181,7 @@ def _brain_mask_for(job: _Job, brain_arg: str | None, geometry: Any) -> Any:
 
     path = Path(brain_arg)
     if path.is_dir():
-        candidates = [path / f"{job.name}{suffix}" for suffix in _NIFTI_SUFFIXES]
+        candidates = [path / f"{job.name}{suffix}" for suffix in NIFTI_SUFFIXES]
         found = [c for c in candidates if c.is_file()]
         if not found:
             raise CLIError(f"{job.source}: no brain mask {job.name}.nii[.gz] in {path}")

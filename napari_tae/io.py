@@ -28,6 +28,7 @@ __all__ = [
     "GEOMETRY_KEY",
     "MAX_AXIS",
     "MAX_VOXELS",
+    "NIFTI_SUFFIXES",
     "Geometry",
     "Volume",
     "VolumeError",
@@ -35,6 +36,7 @@ __all__ = [
     "layer_kwargs",
     "load_mask",
     "load_volume",
+    "nifti_stem",
     "save_volume",
 ]
 
@@ -46,7 +48,8 @@ MAX_VOXELS = 512 * 1024 * 1024
 #: Largest accepted voxel size in mm; anything above is a broken header, not an MRI.
 MAX_SPACING = 100.0
 AXIS_LABELS = ("S", "A", "R")
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: NIfTI file endings, longest first so that stripping ``.nii.gz`` wins over ``.nii``.
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 
@@ -61,7 +64,16 @@ class VolumeError(ValueError):
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
     """Whether ``path`` has a NIfTI file name (``.nii`` or ``.nii.gz``, any case)."""
-    return os.fspath(path).lower().endswith(_NIFTI_SUFFIXES)
+    return os.fspath(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """File name without its NIfTI ending (``case_01.nii.gz`` -> ``case_01``; any case)."""
+    name = os.path.basename(os.fspath(path))
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 @dataclass(frozen=True, eq=False)

@@ -366,3 +366,11 @@ def test_load_mask_accepts_an_empty_mask_but_load_volume_refuses_it(tmp_path):
     mask = tio.load_mask(path)
     assert mask.data.shape == SHAPE[::-1] and not mask.data.any()
     np.testing.assert_allclose(mask.geometry.source_affine, aff)
+
+
+@pytest.mark.parametrize(("name", "stem"), [
+    ("case_01.nii.gz", "case_01"), ("/a/b/Scan.NII.GZ", "Scan"), ("x.nii", "x"),
+    ("sub.nii.nii.gz", "sub.nii"), ("notes.txt", "notes.txt"),
+])
+def test_nifti_stem(name, stem):
+    assert tio.nifti_stem(name) == stem

@@ -19,10 +19,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from napari_tae.io import is_nifti_path, nifti_stem
+
 __all__ = [
     "InputError",
-    "NIFTI_SUFFIXES",
-    "volume_stem",
     "resolve_volumes",
     "pair_by_name",
     "split_by_volume",
@@ -36,7 +36,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Tokens that name what a file holds rather than whose scan it is ("case01_flair" vs "case01_seg").
 _ROLE_TOKENS = frozenset({
     "flair", "t2", "t2flair", "image", "img", "vol", "volume", "seg", "segmentation", "label",
@@ -48,17 +47,8 @@ class InputError(ValueError):
     """Bad user input detected before training/evaluation starts (one-line message)."""
 
 
-def volume_stem(path: str | os.PathLike) -> str:
-    """File name without its NIfTI suffix (``case_01.nii.gz`` -> ``case_01``)."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
 def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+    return path.is_file() and is_nifti_path(path)
 
 
 def resolve_volumes(specs: Sequence[str | os.PathLike], what: str = "--data") -> list[Path]:
@@ -89,7 +79,7 @@ def resolve_volumes(specs: Sequence[str | os.PathLike], what: str = "--data") ->
 
 
 def _pair_key(path: Path) -> str:
-    tokens = [t for t in re.split(r"[_\-.\s]+", volume_stem(path).lower()) if t]
+    tokens = [t for t in re.split(r"[_\-.\s]+", nifti_stem(path).lower()) if t]
     kept = [t for t in tokens if t not in _ROLE_TOKENS]
     return "_".join(kept or tokens)
 

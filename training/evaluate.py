@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from napari_tae._atomic import write_text_atomic
-from training.data import InputError, pair_by_name, resolve_volumes, volume_stem
+from napari_tae.io import nifti_stem
+from training.data import InputError, pair_by_name, resolve_volumes
 from training.metrics import BinnedScores, dice, mean_std, slice_dice_smoothed, ssim_slices
 
 __all__ = ["build_parser", "main", "evaluate", "EvalInputs", "format_markdown"]
@@ -213,7 +214,7 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
                 acc = kind_acc.setdefault(int(k), BinnedScores(n_bins))
                 acc.update(score, kind_map == k, brain & ((kind_map == k) | ~label))
         per_volume.append({
-            "name": volume_stem(img), "lesion_voxels": int(np.count_nonzero(lesion_in_brain)),
+            "name": nifti_stem(img), "lesion_voxels": int(np.count_nonzero(lesion_in_brain)),
             "auroc": vol_acc.auroc(), "auprc": vol_acc.average_precision(),
             "dice_calibrated": dice(pred, lesion_in_brain),
         })
