@@ -13,7 +13,6 @@ Heavy modules (torch, napari) are imported inside the subcommands so ``--help`` 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_tae._atomic import write_text_atomic
 from napari_tae.io import NIFTI_SUFFIXES, is_nifti_path, nifti_stem
 
 __all__ = [
@@ -206,74 +206,11 @@ def _ras_affine(geometry: Any) -> np.ndarray:
     return geometry.source_affine @ inv_ornt_aff(ornt, geometry.source_shape[:3])
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars and arrays -> plain Python values for CSV/JSON."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary name, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def provenance_record(
-    source: Path,
-    checkpoint: Path | None,
-    meta: Any,
-    settings: dict[str, Any],
-    outputs: dict[str, Path],
-    n_lesions: int,
-) -> dict[str, Any]:
-    """JSON-serialisable record of what produced an output: input, model, settings, version, date."""
-    from napari_tae import __version__
-    from napari_tae.review import file_sha256
-
-    model: dict[str, Any] = {"name": "intensity", "checkpoint": None}
-    if meta is not None:
-        model = {
-            "name": meta.model_name,
-            "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
-            "checkpoint_file_sha256": file_sha256(checkpoint) if checkpoint else None,
-            "weights_sha256": meta.sha256,
-            "img_size": meta.img_size,
-            "config": meta.config,
-            "calibration": meta.calibration,
-            "preprocessing": meta.preprocessing,
-            "training": meta.training,
-        }
-    return _plain(
-        {
-            "input": str(source.resolve()),
-            "input_sha256": file_sha256(source),
-            "model": model,
-            "settings": settings,
-            "lesions": n_lesions,
-            "outputs": {suffix.strip("_").split(".")[0]: str(p.resolve()) for suffix, p in outputs.items()},
-            "software": {"napari_tae": __version__, "command": "napari-tae segment"},
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-    )
-
-
 def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckpt: Path | None) -> int:
     """Segment one file and write its five outputs; returns the number of lesions."""
     from napari_tae.inference import segment
     from napari_tae.io import load_volume, save_volume
-    from napari_tae.review import write_lesion_csv
+    from napari_tae.review import provenance_record, write_lesion_csv
 
     volume = load_volume(job.source)
     brain = _brain_mask_for(job, args.brain_mask, volume.geometry)
@@ -297,9 +234,12 @@ def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckp
     settings = dict(result.settings)
     settings.setdefault("device", args.device)
     settings["brain_mask_supplied"] = args.brain_mask is not None
-    record = provenance_record(job.source, ckpt, meta, settings, out, len(result.lesions))
+    outputs = {suffix.strip("_").split(".")[0]: path for suffix, path in out.items()}
+    record = provenance_record(input_file=job.source, checkpoint=ckpt, meta=meta, settings=settings,
+                               outputs=outputs, n_lesions=len(result.lesions),
+                               command="napari-tae segment")
     # provenance last: its presence says the other four files are complete
-    _write_atomic(out["_provenance.json"], json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out["_provenance.json"], json.dumps(record, indent=2) + "\n")
     return len(result.lesions)
 
 
@@ -413,7 +353,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "defaults": models.model_defaults(name),
                 "parameters": _param_count(models.build_model(name)),
             }
-        print(json.dumps({"models": zoo, "bundled": _plain(bundled)}, indent=2))
+        from napari_tae.review import jsonable
+
+        print(json.dumps({"models": zoo, "bundled": jsonable(bundled)}, indent=2))
         return 0
     print("Models (paper default configs):")
     print(_model_table())

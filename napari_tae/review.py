@@ -37,10 +37,12 @@ __all__ = [
     "export_results",
     "file_sha256",
     "inference_job",
+    "jsonable",
     "lesion_features",
     "lesion_rows",
     "load_model",
-    "provenance",
+    "plugin_settings",
+    "provenance_record",
     "write_lesion_csv",
 ]
 
@@ -379,11 +381,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """numpy scalars/arrays, paths and tuples -> plain JSON values (anything else as its str)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -395,35 +398,69 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def provenance(state: ReviewState, *, input_file: str | None, n_lesions: int,
-               extra: dict | None = None) -> dict[str, Any]:
-    """JSON-ready record of how a mask was made: input, model, weights hash, settings, version."""
-    from napari_tae import __version__
+def provenance_record(
+    *,
+    input_file: str | os.PathLike | None,
+    checkpoint: str | os.PathLike | None,
+    meta: Any,
+    settings: dict[str, Any],
+    outputs: dict[str, str | os.PathLike],
+    n_lesions: int,
+    command: str,
+) -> dict[str, Any]:
+    """The one provenance schema, for the CLI's and the plugin's outputs alike.
 
-    meta = state.meta
-    ckpt_path = state.checkpoint if os.path.isfile(state.checkpoint) else None
-    record = {
-        "napari_tae_version": __version__,
+    Input file and its sha256, the model (checkpoint path, file and weights hashes, config,
+    calibration, preprocessing, training summary), every setting, the outputs, version and date.
+    """
+    from napari_tae import __version__
+    from napari_tae.checkpoint import bundled_checkpoints
+
+    model: dict[str, Any] = {"name": "intensity", "checkpoint": None}
+    if meta is not None:
+        path = bundled_checkpoints().get(str(checkpoint), checkpoint) if checkpoint else None
+        path = Path(path) if path and os.path.isfile(path) else None
+        model = {
+            "name": meta.model_name,
+            "checkpoint": str(path.resolve()) if path else checkpoint,
+            "checkpoint_file_sha256": file_sha256(path) if path else None,
+            "weights_sha256": meta.sha256,
+            "img_size": meta.img_size,
+            "config": meta.config,
+            "calibration": meta.calibration,
+            "preprocessing": meta.preprocessing,
+            "training": meta.training,
+        }
+    source = Path(input_file) if input_file and os.path.isfile(input_file) else None
+    return jsonable({
+        "input": str(source.resolve()) if source else input_file,
+        "input_sha256": file_sha256(source) if source else None,
+        "model": model,
+        "settings": settings,
+        "lesions": n_lesions,
+        "outputs": {k: str(Path(p).resolve()) for k, p in outputs.items()},
+        "software": {"napari_tae": __version__, "command": command},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "input_file": input_file,
-        "input_layer": state.source_name,
-        "checkpoint": state.checkpoint,
-        "checkpoint_file_sha256": file_sha256(ckpt_path) if ckpt_path else None,
-        "weights_sha256": getattr(meta, "sha256", None),
-        "model_name": getattr(meta, "model_name", "intensity" if meta is None else None),
-        "model_config": getattr(meta, "config", None),
-        "calibration": getattr(meta, "calibration", None),
+    })
+
+
+def plugin_settings(state: ReviewState) -> dict[str, Any]:
+    """The widget's settings under the names ``inference.segment`` uses, plus what only it has."""
+    post = state.post
+    return {
+        "model": getattr(state.meta, "model_name", "intensity"),
         "normalisation": state.norm,
+        "median_kernel": post.kernel,
+        "median_mode": post.mode,
+        "squash": post.squash,
+        "min_size": post.min_voxels(state.spacing),
+        "min_size_requested": {"value": post.min_size, "unit": post.min_size_unit},
         "device": state.device,
-        "post_processing": state.post.to_dict(),
-        "min_size_voxels": state.post.min_voxels(state.spacing),
+        "input_layer": state.source_name,
         "manual_edits": {"voxels_added": state.edits.n_added, "voxels_erased": state.edits.n_erased},
-        "n_lesions": n_lesions,
         "spacing_mm": list(state.spacing),
         "origin_mm": list(state.origin),
     }
-    record.update(extra or {})
-    return _jsonable(record)
 
 
 def write_lesion_csv(lesions: list[dict], path: str | os.PathLike) -> Path:
@@ -499,7 +536,9 @@ def export_results(
     save_volume(binary, path=paths["mask"], labels=True, **kw)
     save_volume(state.residual, path=paths["residual"], **kw)
     write_lesion_csv(lesions, paths["lesions"])
-    record = provenance(state, input_file=input_file, n_lesions=len(lesions), extra=extra)
-    record["files"] = {k: p.name for k, p in paths.items()}
+    settings = {**plugin_settings(state), **(extra or {})}
+    record = provenance_record(input_file=input_file, checkpoint=state.checkpoint, meta=state.meta,
+                               settings=settings, outputs=paths, n_lesions=len(lesions),
+                               command="napari plugin export")
     write_text_atomic(paths["provenance"], json.dumps(record, indent=2))
     return paths

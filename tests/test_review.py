@@ -207,8 +207,10 @@ def test_export_round_trip_and_refusals(tmp_path):
     assert len(rows) == len(st.lesions) and "centroid_mm_z" in rows[0]
     assert float(rows[0]["volume_ml"]) == pytest.approx(st.lesions[0]["volume_ml"])
     prov = json.loads(paths["provenance"].read_text())
-    assert prov["input_file"] == str(src) and prov["post_processing"]["kernel"] == 3
-    assert prov["napari_tae_version"] and prov["date"] and prov["n_lesions"] == len(rows)
+    assert prov["input"] == str(src.resolve()) and len(prov["input_sha256"]) == 64
+    assert prov["settings"]["median_kernel"] == 3 and prov["lesions"] == len(rows)
+    assert prov["software"]["napari_tae"] and prov["date"]
+    assert prov["outputs"]["mask"] == str(paths["mask"].resolve())
 
     with pytest.raises(ExportError, match="exists"):
         export_results(out, "case1", mask=labels, state=st, input_file=str(src))

@@ -223,9 +223,12 @@ def test_export_round_trip(make_napari_viewer, qtbot, files, tmp_path):
     np.testing.assert_array_equal(load_volume(paths["mask"]).data > 0,
                                   viewer.layers["flair anomaly mask"].data > 0)
     prov = json.loads(paths["provenance"].read_text())
-    assert prov["input_file"] == str(files["flair"])
-    assert prov["checkpoint"] == str(files["ckpt"]) and len(prov["checkpoint_file_sha256"]) == 64
-    assert prov["weights_sha256"] and prov["post_processing"]["squash"] == pytest.approx(3.0)
+    assert prov["input"] == str(files["flair"].resolve())
+    model = prov["model"]
+    assert model["checkpoint"] == str(files["ckpt"].resolve()) and len(model["checkpoint_file_sha256"]) == 64
+    assert model["weights_sha256"] and prov["settings"]["squash"] == pytest.approx(3.0)
+    # the plugin's record has the CLI's schema: one reader serves both
+    assert {"input", "input_sha256", "model", "settings", "lesions", "outputs", "software", "date"} <= set(prov)
     stamp = paths["mask"].stat().st_mtime_ns
     assert widget.export(str(out), "case") is None          # refuses to overwrite
     assert "exists" in widget.status.text() and paths["mask"].stat().st_mtime_ns == stamp
