@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,7 +270,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             bar.set_postfix_str(job.source.name, refresh=False)
             try:
                 _check_outputs(job, files, args.overwrite)
-                n_lesions = _segment_one(job, args, model, meta, ckpt)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    n_lesions = _segment_one(job, args, model, meta, ckpt)
+                # a warning (e.g. not skull-stripped) is about this file: say which, on one line
+                for warning in caught:
+                    _logger.warning("%s: %s", job.source, str(warning.message).splitlines()[0])
             except (CLIError, ValueError, OSError, RuntimeError) as exc:
                 # one bad file is reported by name on one line and skipped; the rest go on
                 message = _one_line(exc, job.source)

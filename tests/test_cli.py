@@ -218,3 +218,16 @@ def test_brain_mask_file_and_mismatch(cases, tmp_path):
     assert written.any() and not (written & ~brain).any()
     assert json.loads((out_dir / "case_a_provenance.json").read_text())["settings"]["brain_mask"] == "supplied"
     assert not (out_dir / "case_b_mask.nii.gz").exists()
+
+
+def test_warning_names_the_file_on_one_line(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    head = np.zeros((40, 48, 30), np.float32)
+    head[5:35, 6:42, 4:26] = 100 + rng.normal(0, 5, (30, 36, 22))
+    head += rng.normal(20, 3, head.shape).astype(np.float32)  # noisy background: skull not stripped
+    path = tmp_path / "with_skull.nii.gz"
+    nib.save(nib.Nifti1Image(head, np.eye(4)), path)
+    with caplog.at_level("WARNING", logger="napari_tae"):
+        assert main(["segment", str(path), "-m", "intensity", "-o", str(tmp_path / "out")]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith(str(path)) and "skull-stripped" in m and "\n" not in m for m in warned), warned
