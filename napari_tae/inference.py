@@ -282,9 +282,6 @@ def norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams
     return None
 
 
-_norm_from_meta = norm_from_meta  # the name review.py first used
-
-
 def default_squash(meta: Any) -> tuple[float, str]:
     """The checkpoint's calibrated squash (percent) and its source, else 1 % (the paper's S_1%)."""
     calibration = getattr(meta, "calibration", None) or {}
