@@ -281,10 +281,10 @@ class AnomalyWidget(QWidget):
         self._last_model_index = self.model_combo.currentIndex()
         self._meta = None
         if spec != "intensity":
-            from napari_tae.checkpoint import bundled_checkpoints, read_metadata
+            from napari_tae.checkpoint import read_metadata, resolve_checkpoint
 
             try:
-                self._meta = read_metadata(bundled_checkpoints().get(spec, spec))
+                self._meta = read_metadata(resolve_checkpoint(spec))
             except Exception as exc:  # a recent file may have been changed since
                 self._error(f"Cannot use checkpoint: {exc}")
         self.reset_squash()

@@ -31,6 +31,8 @@ __all__ = [
     "read_metadata",
     "load_checkpoint",
     "bundled_checkpoints",
+    "load_model",
+    "resolve_checkpoint",
     "weights_sha256",
 ]
 
@@ -266,3 +268,34 @@ def bundled_checkpoints() -> dict[str, Path]:
     if not BUNDLED_DIR.is_dir():
         return {}
     return {p.stem: p for p in sorted(BUNDLED_DIR.glob("*.safetensors"))}
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path | None:
+    """Path of a checkpoint given as a file or a bundled name; None for the ``intensity`` baseline.
+
+    Raises
+    ------
+    CheckpointError
+        Neither an existing file nor a bundled name (the message lists the bundled names).
+    """
+    if os.fspath(spec) == "intensity":
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    bundled = bundled_checkpoints()
+    if os.fspath(spec) in bundled:
+        return bundled[os.fspath(spec)]
+    known = ", ".join(["intensity", *sorted(bundled)])
+    raise CheckpointError(spec, f"no such checkpoint file or bundled name (bundled: {known})")
+
+
+def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu"
+               ) -> tuple[ReconstructionModel, CheckpointMeta | None]:
+    """``(model, meta)`` for a checkpoint file, a bundled name, or ``"intensity"`` (meta None)."""
+    path = resolve_checkpoint(spec)
+    if path is None:
+        from .models import build_model
+
+        return build_model("intensity").to(device), None
+    return load_checkpoint(path, device=device)

@@ -35,7 +35,6 @@ __all__ = [
     "build_parser",
     "find_inputs",
     "main",
-    "resolve_checkpoint",
 ]
 
 _logger = logging.getLogger("napari_tae.cli")
@@ -79,41 +78,15 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def resolve_checkpoint(name_or_path: str) -> Path | None:
-    """Path of a checkpoint given as a file or a bundled name; ``None`` for ``intensity``.
-
-    Raises
-    ------
-    CLIError
-        Neither an existing file nor a bundled name (the message lists the bundled names).
-    """
-    if name_or_path == "intensity":
-        return None
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    from napari_tae.checkpoint import bundled_checkpoints
-
-    bundled = bundled_checkpoints()
-    if name_or_path in bundled:
-        return Path(bundled[name_or_path])
-    known = ", ".join(["intensity", *sorted(bundled)])
-    raise CLIError(f"{name_or_path}: no such checkpoint file or bundled name (bundled: {known})")
-
-
-def _load_model(name_or_path: str, device: str) -> tuple[Any, Any, Path | None]:
+def _load_model(name_or_path: str) -> tuple[Any, Any, Path | None]:
     """(model, meta or None, checkpoint path or None) for a file, a bundled name or intensity."""
-    path = resolve_checkpoint(name_or_path)
-    if path is None:
-        from napari_tae.models import build_model
-
-        return build_model("intensity"), None, None
-    from napari_tae.checkpoint import CheckpointError, load_checkpoint
+    from napari_tae.checkpoint import CheckpointError, load_model, resolve_checkpoint
 
     try:
-        model, meta = load_checkpoint(path, device="cpu")
+        path = resolve_checkpoint(name_or_path)
+        model, meta = load_model(name_or_path)
     except (CheckpointError, OSError, ValueError) as exc:
-        raise CLIError(_one_line(exc, path)) from None
+        raise CLIError(_one_line(exc, name_or_path)) from None
     return model, meta, path
 
 
@@ -259,7 +232,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.brain_mask is not None and not Path(args.brain_mask).exists():
         raise CLIError(f"{args.brain_mask}: no such brain mask file or folder")
     # the model is loaded once, before any file, so a bad checkpoint fails fast
-    model, meta, ckpt = _load_model(args.checkpoint, args.device)
+    model, meta, ckpt = _load_model(args.checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs, failures = _plan_jobs(files, out_dir)
     for source, problem in failures:
@@ -408,9 +381,13 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
     from napari_tae._reader import set_radiological_view
     from napari_tae._sample_data import SAMPLE_NAME, make_sample_data
     from napari_tae._widget import AnomalyWidget
+    from napari_tae.checkpoint import CheckpointError, resolve_checkpoint
 
     spec = checkpoint or default_checkpoint()
-    path = resolve_checkpoint(spec)  # fail early, with the one-line message, on a bad name
+    try:
+        path = resolve_checkpoint(spec)  # fail early, with the one-line message, on a bad name
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from None
     layers = make_sample_data()
     for data, kwargs, kind in layers:
         layer = getattr(viewer, f"add_{kind}")(data, **kwargs)

@@ -40,7 +40,6 @@ __all__ = [
     "jsonable",
     "lesion_features",
     "lesion_rows",
-    "load_model",
     "plugin_settings",
     "provenance_record",
     "write_lesion_csv",
@@ -313,18 +312,6 @@ def lesion_features(lesions: list[dict]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # running the network (torch imported lazily: opening the widget must not pay for it)
 # --------------------------------------------------------------------------------------------
-def load_model(spec: str) -> tuple[Any, Any]:
-    """``(model, meta)`` for ``"intensity"`` (meta None), a bundled name or a checkpoint path."""
-    if spec == "intensity":
-        from napari_tae.models import build_model
-
-        return build_model("intensity"), None
-    from napari_tae.checkpoint import bundled_checkpoints, load_checkpoint
-
-    path = bundled_checkpoints().get(spec, spec)
-    return load_checkpoint(path, device="cpu")
-
-
 def inference_job(
     spec: str,
     data: np.ndarray,
@@ -340,6 +327,8 @@ def inference_job(
     """
     from napari_tae import inference
     from napari_tae.preprocess import brain_mask
+
+    from napari_tae.checkpoint import load_model
 
     model, meta = load_model(spec)
     dev = inference.select_device(device)
@@ -414,12 +403,14 @@ def provenance_record(
     calibration, preprocessing, training summary), every setting, the outputs, version and date.
     """
     from napari_tae import __version__
-    from napari_tae.checkpoint import bundled_checkpoints
+    from napari_tae.checkpoint import CheckpointError, resolve_checkpoint
 
     model: dict[str, Any] = {"name": "intensity", "checkpoint": None}
     if meta is not None:
-        path = bundled_checkpoints().get(str(checkpoint), checkpoint) if checkpoint else None
-        path = Path(path) if path and os.path.isfile(path) else None
+        try:
+            path = resolve_checkpoint(checkpoint) if checkpoint else None
+        except CheckpointError:  # the file went away since it was loaded: record its name only
+            path = None
         model = {
             "name": meta.model_name,
             "checkpoint": str(path.resolve()) if path else checkpoint,

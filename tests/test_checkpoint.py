@@ -255,3 +255,22 @@ def test_bundled_checkpoints(tmp_path, monkeypatch):
     _saved(tmp_path, "vq_vae")
     (tmp_path / "notes.md").write_text("x")
     assert bundled_checkpoints() == {"vq_vae": tmp_path / "vq_vae.safetensors"}
+
+
+def test_resolve_and_load_by_file_bundled_name_or_intensity(tmp_path):
+    from napari_tae.checkpoint import bundled_checkpoints, load_model, resolve_checkpoint
+
+    assert resolve_checkpoint("intensity") is None
+    model, meta = load_model("intensity")
+    assert meta is None and sum(p.numel() for p in model.parameters()) == 0
+    saved, path = _saved(tmp_path)
+    assert resolve_checkpoint(path) == path
+    loaded, meta = load_model(str(path))
+    assert meta.model_name == "b_tae"
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), saved.eval()(x))
+    for name, bundled in bundled_checkpoints().items():
+        assert resolve_checkpoint(name) == bundled
+    with pytest.raises(CheckpointError, match="no_such_model.*bundled: intensity"):
+        resolve_checkpoint("no_such_model")
