@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from napari_tae._atomic import write_text_atomic
-from napari_tae.io import NIFTI_SUFFIXES, is_nifti_path, nifti_stem
+from napari_tae.io import NIFTI_SUFFIXES, nifti_files, nifti_stem
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -69,7 +69,7 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+            found = nifti_files(path)
             if not found:
                 raise CLIError(f"{path}: folder holds no .nii or .nii.gz file")
             files.extend(found)

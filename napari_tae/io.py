@@ -36,6 +36,7 @@ __all__ = [
     "layer_kwargs",
     "load_mask",
     "load_volume",
+    "nifti_files",
     "nifti_stem",
     "save_volume",
 ]
@@ -65,6 +66,11 @@ class VolumeError(ValueError):
 def is_nifti_path(path: str | os.PathLike) -> bool:
     """Whether ``path`` has a NIfTI file name (``.nii`` or ``.nii.gz``, any case)."""
     return os.fspath(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_files(folder: str | os.PathLike) -> list[Path]:
+    """The NIfTI files directly inside ``folder`` (not recursive), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_nifti_path(p))
 
 
 def nifti_stem(path: str | os.PathLike) -> str:

@@ -374,3 +374,10 @@ def test_load_mask_accepts_an_empty_mask_but_load_volume_refuses_it(tmp_path):
 ])
 def test_nifti_stem(name, stem):
     assert tio.nifti_stem(name) == stem
+
+
+def test_nifti_files_lists_only_nifti_files_directly_inside(tmp_path):
+    for name in ("b.nii.gz", "a.NII", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.nii.gz").mkdir()  # a folder named like a volume is not a file
+    assert [p.name for p in tio.nifti_files(tmp_path)] == ["a.NII", "b.nii.gz"]

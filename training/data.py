@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from napari_tae.io import is_nifti_path, nifti_stem
+from napari_tae.io import is_nifti_path, nifti_files, nifti_stem
 
 __all__ = [
     "InputError",
@@ -62,7 +62,7 @@ def resolve_volumes(specs: Sequence[str | os.PathLike], what: str = "--data") ->
         spec = os.fspath(spec)
         path = Path(spec)
         if path.is_dir():
-            hits = sorted(p for p in path.iterdir() if _is_nifti(p))
+            hits = nifti_files(path)
             if not hits:
                 raise InputError(f"{what} {spec}: folder holds no NIfTI volume (.nii/.nii.gz)")
         elif path.is_file():
