@@ -153,6 +153,7 @@ def iter_reconstruct(
     *,
     brain: np.ndarray | None = None,
     norm: NormParams | None = None,
+    meta: Any = None,
     device: str | torch.device = "auto",
     batch_size: int = 8,
     amp: bool = True,
@@ -168,7 +169,9 @@ def iter_reconstruct(
         model: A :class:`~napari_tae.layers.ReconstructionModel` (needs ``img_size``).
         volume_data: (Z, Y, X) FLAIR volume in napari order, raw intensities.
         brain: Optional brain mask (non-zero = brain); else guessed by ``prepare_volume``.
-        norm: Normalisation to use; else fitted on this volume's brain.
+        norm: Normalisation to use; else the one ``meta`` asks for (:func:`norm_from_meta`),
+            else fitted on this volume's brain with the defaults.
+        meta: The checkpoint's :class:`~napari_tae.checkpoint.CheckpointMeta`, or None.
         device: See :func:`select_device`.
         batch_size: Slices per forward pass (upper bound, halves on OOM).
         amp: bfloat16 autocast on CUDA (ignored elsewhere).
@@ -184,6 +187,9 @@ def iter_reconstruct(
     batch_size = int(batch_size)
     size = int(getattr(model, "img_size"))
     device = select_device(device)
+    if norm is None and meta is not None:
+        brain = brain_mask(volume_data, brain)
+        norm = norm_from_meta(volume_data, brain, meta)
     prepared = prepare_volume(volume_data, size, mask=brain, norm=norm)
     total = prepared.slices.shape[0]
     todo = np.flatnonzero(prepared.brain.reshape(total, -1).any(axis=1))
@@ -329,10 +335,8 @@ def segment(
         squash, squash_source = float(squash), "user"
 
     t0 = time.perf_counter()
-    brain_arr = brain_mask(data, brain)
-    norm = norm_from_meta(data, brain_arr, meta)
     rec = reconstruct(
-        model, data, brain=brain_arr, norm=norm, device=device, batch_size=batch_size, amp=amp
+        model, data, brain=brain, meta=meta, device=device, batch_size=batch_size, amp=amp
     )
     t1 = time.perf_counter()
     mask = anomaly_mask(

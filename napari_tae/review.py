@@ -326,18 +326,14 @@ def inference_job(
     worker's ``quit()``) abandons the run without any partial result escaping.
     """
     from napari_tae import inference
-    from napari_tae.preprocess import brain_mask
-
     from napari_tae.checkpoint import load_model
 
     model, meta = load_model(spec)
     dev = inference.select_device(device)
-    # the same brain mask and normalisation as the headless inference.segment, so the widget and
-    # the CLI give identical masks
-    brain = brain_mask(data, brain)
-    norm = inference.norm_from_meta(data, brain, meta)
+    # meta: the checkpoint's normalisation, as the headless inference.segment uses it, so the
+    # widget and the CLI give identical masks
     rec = yield from inference.iter_reconstruct(
-        model, data, brain=brain, norm=norm, device=dev, batch_size=batch_size
+        model, data, brain=brain, meta=meta, device=dev, batch_size=batch_size
     )
     return rec, meta, str(dev)
 

@@ -255,3 +255,16 @@ def test_norm_from_meta_and_default_squash(volume):
     assert default_squash(None) == (1.0, "paper default")
     assert default_squash(SimpleNamespace(calibration={})) == (1.0, "paper default")
     assert default_squash(SimpleNamespace(calibration={"default": 2.5})) == (2.5, "calibrated")
+
+
+def test_reconstruct_uses_the_checkpoints_normalisation(volume, model):
+    from napari_tae.inference import reconstruct
+
+    brain = volume != 0
+    meta = SimpleNamespace(preprocessing={"normalisation": "per_volume", "upper_percentile": 90.0})
+    with_meta = reconstruct(model, volume, meta=meta, device="cpu")
+    explicit = reconstruct(model, volume, brain=brain, norm=fit_normalisation(volume, brain, 90.0),
+                           device="cpu")
+    assert with_meta.norm == explicit.norm and with_meta.norm.upper_percentile == 90.0
+    np.testing.assert_array_equal(with_meta.residual, explicit.residual)
+    assert reconstruct(model, volume, device="cpu").norm.upper_percentile == 99.5
