@@ -144,17 +144,14 @@ class _Scorer:
         self.kernel, self.mode, self.device, self.batch_size = kernel, mode, device, batch_size
 
     def __call__(self, data: np.ndarray, supplied_brain: np.ndarray | None, path: Path):
-        from napari_tae.inference import norm_from_meta, reconstruct
+        from napari_tae.inference import reconstruct
         from napari_tae.postprocess import median_filtered
-        from napari_tae.preprocess import brain_mask
 
-        try:
-            brain = brain_mask(data, supplied_brain)
-            norm = norm_from_meta(data, brain, self.meta)
+        try:  # the brain mask and normalisation refuse volumes they cannot handle
+            rec = reconstruct(self.model, data, brain=supplied_brain, meta=self.meta,
+                              device=self.device, batch_size=self.batch_size)
         except ValueError as exc:
             raise InputError(f"{path}: {exc}") from None
-        rec = reconstruct(self.model, data, brain=brain, norm=norm, device=self.device,
-                          batch_size=self.batch_size)
         score = median_filtered(rec.residual, self.kernel, self.mode)
         return score, rec
 
