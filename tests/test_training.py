@@ -222,7 +222,8 @@ def _garbage(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["empty_folder", "glob_nothing", "unreadable", "one_volume",
-                                  "out_exists", "unknown_model", "bad_set", "resume_missing"])
+                                  "out_exists", "unknown_model", "bad_set", "resume_missing",
+                                  "negative_noise", "zero_noise_res"])
 def test_train_bad_input_exits_2_with_one_line(case: str, dataset: Path, tmp_path: Path, capsys):
     out = tmp_path / "m.safetensors"
     data = [str(dataset / "train")]
@@ -249,6 +250,10 @@ def test_train_bad_input_exits_2_with_one_line(case: str, dataset: Path, tmp_pat
         model, expect = ["--model", "no_such_model"], "unknown"
     elif case == "bad_set":
         extra, expect = ["--set", "no_such_option=3"], "no_such_option"
+    elif case == "negative_noise":
+        extra, expect = ["--input-noise", "-0.1"], "--input-noise must be"
+    elif case == "zero_noise_res":
+        extra, expect = ["--input-noise", "0.2", "--noise-res", "0"], "--noise-res must be >= 1"
     else:
         extra, expect = ["--resume"], "no such resume state"
     argv = ["train", "--data", *data, *model, *OPTIM, "--out", str(out), *extra]
@@ -336,3 +341,65 @@ def test_empty_lesion_mask_excludes_nothing(dataset: Path, tmp_path: Path):
     kept = load_slices([image], 64, min_brain_fraction=0.3, lesion_masks=[empty])
     assert sum(v.excluded_lesion for v in kept.volumes) == 0
     assert len(kept) == len(load_slices([image], 64, min_brain_fraction=0.3))
+
+
+# ------------------------------------------------------------------------------- denoising
+
+
+def test_coarse_noise_is_smooth_brain_only_and_of_the_asked_std():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 64, 64)
+    x[:, :, 8:56, 8:56] = 0.5  # "brain"
+    noise = train_mod.coarse_noise(x, 0.2, 16) - x
+    assert torch.all(noise[x == 0] == 0)
+    inside = noise[:, :, 8:56, 8:56]
+    # bilinear upsampling of unit-variance cells keeps most of the variance (not 0.2 / 4)
+    assert 0.12 < inside.std().item() < 0.2
+    # coarse: neighbouring pixels are strongly correlated, pixels a noise cell apart much less
+    a = inside[..., :-1].flatten()
+    near = torch.corrcoef(torch.stack([a, inside[..., 1:].flatten()]))[0, 1].item()
+    far = torch.corrcoef(torch.stack([inside[..., :-8].flatten(), inside[..., 8:].flatten()]))[0, 1].item()
+    assert near > 0.9 and far < 0.3, (near, far)
+
+
+class _Identity(torch.nn.Module):
+    """Returns its input: the loss is then exactly how far the input is from the clean slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.scale
+
+    def forward_train(self, x):
+        return self(x), {}
+
+
+@pytest.mark.parametrize("std", [0.0, 0.2])
+def test_denoising_loss_compares_with_the_clean_slice(std: float):
+    from training.data import SliceDataset
+
+    slices = torch.zeros(8, 32, 32, dtype=torch.float16)
+    slices[:, 4:28, 4:28] = 0.5
+    model = _Identity()
+    torch.manual_seed(0)
+    metrics = train_mod.train_one_epoch(
+        train_mod._TrainForward(model), SliceDataset(slices), optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        batch_size=4, epoch=0, device=torch.device("cpu"), input_noise=std, noise_res=8)
+    val = [train_mod.validate(model, SliceDataset(slices), batch_size=4, device=torch.device("cpu"),
+                              input_noise=std, noise_res=8, seed=seed)["val_loss"] for seed in (0, 0, 1)]
+    if std == 0:
+        assert metrics["train_loss"] == 0.0 and val == [0.0, 0.0, 0.0]
+    else:  # mean |noise| over the image: brain fraction 0.56 x E|N(0, ~0.16)| ~ 0.07
+        assert 0.03 < metrics["train_loss"] < 0.12, metrics
+        # validation denoises the same seeded draw every epoch (comparable across epochs)
+        assert 0.03 < val[0] < 0.12 and val[0] == val[1] != val[2], val
+
+
+def test_denoising_is_recorded_in_the_checkpoint(dataset: Path, tmp_path: Path):
+    from napari_tae.checkpoint import read_metadata
+
+    out = tmp_path / "dae.safetensors"
+    assert cli(_train_argv(dataset, out, *SHORT, "--input-noise", "0.2", "--noise-res", "8")) == 0
+    assert read_metadata(out).training["input_noise"] == {"kind": "coarse_gaussian", "std": 0.2, "res": 8}
