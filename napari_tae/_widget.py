@@ -208,8 +208,11 @@ class AnomalyWidget(QWidget):
         self._on_model_changed()
 
     def _fill_models(self, select: str | None = None) -> None:
-        """Bundled checkpoints, the intensity baseline, recent files, then Browse."""
-        from napari_tae.checkpoint import bundled_checkpoints
+        """Bundled checkpoints, the intensity baseline, recent files, then Browse.
+
+        Selects ``select`` when listed, else the default bundled checkpoint.
+        """
+        from napari_tae.checkpoint import bundled_checkpoints, default_checkpoint
 
         combo = self.model_combo
         combo.blockSignals(True)
@@ -222,6 +225,8 @@ class AnomalyWidget(QWidget):
                 combo.addItem(os.path.basename(path), path)
         combo.addItem(_BROWSE, _BROWSE)
         index = combo.findData(select) if select else -1
+        if index < 0:
+            index = combo.findData(default_checkpoint())
         combo.setCurrentIndex(max(index, 0))
         combo.blockSignals(False)
 

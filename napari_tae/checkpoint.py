@@ -30,7 +30,9 @@ __all__ = [
     "save_checkpoint",
     "read_metadata",
     "load_checkpoint",
+    "DEFAULT_CHECKPOINT",
     "bundled_checkpoints",
+    "default_checkpoint",
     "load_model",
     "resolve_checkpoint",
     "weights_sha256",
@@ -268,6 +270,19 @@ def bundled_checkpoints() -> dict[str, Path]:
     if not BUNDLED_DIR.is_dir():
         return {}
     return {p.stem: p for p in sorted(BUNDLED_DIR.glob("*.safetensors"))}
+
+
+#: The bundled checkpoint offered first (the widget on a fresh install, ``napari-tae demo``):
+#: the best of the bundled models on the bundled sample (see ``checkpoints/README.md``).
+DEFAULT_CHECKPOINT = "dc_tae_synthetic"
+
+
+def default_checkpoint() -> str:
+    """:data:`DEFAULT_CHECKPOINT` if bundled, else the first bundled name, else ``"intensity"``."""
+    bundled = bundled_checkpoints()
+    if DEFAULT_CHECKPOINT in bundled:
+        return DEFAULT_CHECKPOINT
+    return min(bundled) if bundled else "intensity"
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> Path | None:

@@ -29,7 +29,6 @@ from napari_tae._atomic import write_text_atomic
 from napari_tae.io import NIFTI_SUFFIXES, nifti_files, nifti_stem
 
 __all__ = [
-    "DEFAULT_CHECKPOINT",
     "OUTPUT_SUFFIXES",
     "build_demo",
     "build_parser",
@@ -292,14 +291,16 @@ def _model_table() -> str:
 
 def bundled_summary() -> list[dict[str, Any]]:
     """Name, file, size, model, calibration and training note of every bundled checkpoint."""
-    from napari_tae.checkpoint import bundled_checkpoints, read_metadata
+    from napari_tae.checkpoint import bundled_checkpoints, default_checkpoint, read_metadata
 
     rows = []
+    default = default_checkpoint()
     for name, path in sorted(bundled_checkpoints().items()):
         meta = read_metadata(path)
         rows.append(
             {
                 "name": name,
+                "default": name == default,
                 "file": str(path),
                 "size_mb": round(Path(path).stat().st_size / 1e6, 2),
                 "model": meta.model_name,
@@ -346,6 +347,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(
             f"  {row['name']:<24} {row['model']:<8} img {row['img_size']:<4} "
             f"{row['size_mb']:>6.2f} MB  sha256 {row['weights_sha256']}"
+            f"{'  (default)' if row['default'] else ''}"
         )
         print(f"  {'':<24} calibration (squash %): {_format_calibration(row['calibration'])}")
         if row["training_data"]:
@@ -355,20 +357,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 # demo
-
-
-#: Bundled checkpoint the demo selects (the better of the two on the sample, see the README).
-DEFAULT_CHECKPOINT = "dc_tae_synthetic"
-
-
-def default_checkpoint() -> str:
-    """The demo's model: :data:`DEFAULT_CHECKPOINT` if bundled, else any bundled one, else intensity."""
-    from napari_tae.checkpoint import bundled_checkpoints
-
-    bundled = bundled_checkpoints()
-    if DEFAULT_CHECKPOINT in bundled:
-        return DEFAULT_CHECKPOINT
-    return sorted(bundled)[0] if bundled else "intensity"
 
 
 def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "auto",
@@ -381,7 +369,11 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
     from napari_tae._reader import set_radiological_view
     from napari_tae._sample_data import SAMPLE_NAME, make_sample_data
     from napari_tae._widget import AnomalyWidget
-    from napari_tae.checkpoint import CheckpointError, resolve_checkpoint
+    from napari_tae.checkpoint import (
+        CheckpointError,
+        default_checkpoint,
+        resolve_checkpoint,
+    )
 
     spec = checkpoint or default_checkpoint()
     try:
@@ -434,11 +426,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """
     # torch/timm first: loading them after Qt's OpenGL libraries segfaults (seen with triton's
     # shared library under PyQt6), and the widget would import them on the first run anyway
-    import napari_tae.inference  # noqa: F401
-    import napari_tae.models  # noqa: F401
-
     import napari
 
+    import napari_tae.inference  # noqa: F401
+    import napari_tae.models  # noqa: F401
     from napari_tae._sample_data import SAMPLE_NAME
 
     headless = args.screenshot is not None

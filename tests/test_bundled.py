@@ -66,7 +66,7 @@ def _auprc(score, truth, brain) -> float:
 @pytest.fixture(scope="module")
 def default_result(sample):
     """Segmentation of the sample by the default bundled model and by the intensity baseline."""
-    from napari_tae.cli import default_checkpoint
+    from napari_tae.checkpoint import default_checkpoint
     from napari_tae.models import build_model
 
     volume, labels = sample

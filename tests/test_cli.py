@@ -178,7 +178,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_models_lists_zoo_and_bundled(capsys):
-    from napari_tae.checkpoint import bundled_checkpoints
+    from napari_tae.checkpoint import bundled_checkpoints, default_checkpoint
     from napari_tae.models import list_models
 
     assert main(["models"]) == 0
@@ -190,6 +190,8 @@ def test_models_lists_zoo_and_bundled(capsys):
     for name in bundled:
         assert name in out
     assert out.count("calibration (squash %): p99=") == len(bundled)
+    default_line = [line for line in out.splitlines() if line.strip().endswith("(default)")]
+    assert len(default_line) == 1 and default_line[0].split()[0] == default_checkpoint(), default_line
 
 
 def test_console_script(cases, tmp_path):

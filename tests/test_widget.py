@@ -257,6 +257,25 @@ def test_review_navigation_and_settings(make_napari_viewer, qtbot, files):
     again.close()
 
 
+def test_fresh_install_selects_the_default_bundled_model(make_napari_viewer, monkeypatch, tmp_path):
+    from napari_tae import checkpoint
+    from napari_tae.settings import Settings, save_settings
+
+    bundled = sorted(checkpoint.bundled_checkpoints())
+    assert len(bundled) >= 2
+    # not the first in the list, so picking index 0 would fail this test
+    monkeypatch.setattr(checkpoint, "DEFAULT_CHECKPOINT", bundled[-1])
+    viewer = make_napari_viewer()
+    widget = AnomalyWidget(viewer)
+    assert widget.checkpoint_spec() == bundled[-1]
+    widget.close()
+    # a remembered checkpoint file that has since been deleted falls back to the default too
+    save_settings(Settings(last_checkpoint=str(tmp_path / "gone.safetensors")))
+    again = AnomalyWidget(viewer)
+    assert again.checkpoint_spec() == bundled[-1]
+    again.close()
+
+
 def test_paint_refreshes_table(make_napari_viewer, qtbot, files):
     viewer, widget, _, _ = _widget(make_napari_viewer, files)
     widget.run()
