@@ -397,9 +397,24 @@ def test_denoising_loss_compares_with_the_clean_slice(std: float):
         assert 0.03 < val[0] < 0.12 and val[0] == val[1] != val[2], val
 
 
-def test_denoising_is_recorded_in_the_checkpoint(dataset: Path, tmp_path: Path):
+def test_cosine_schedule_by_hand():
+    lrs = [train_mod.epoch_lr(1e-3, e, 4, "cosine") for e in range(4)]
+    # 0.5 * (1 + cos(pi * e / 4)) = 1, 0.854, 0.5, 0.146
+    assert lrs == pytest.approx([1e-3, 0.853553e-3, 0.5e-3, 0.146447e-3], rel=1e-5)
+    assert [train_mod.epoch_lr(1e-3, e, 4) for e in range(4)] == [1e-3] * 4
+
+
+def test_denoising_and_schedule_are_used_and_recorded(dataset: Path, tmp_path: Path):
+    import csv
+
     from napari_tae.checkpoint import read_metadata
 
     out = tmp_path / "dae.safetensors"
-    assert cli(_train_argv(dataset, out, *SHORT, "--input-noise", "0.2", "--noise-res", "8")) == 0
-    assert read_metadata(out).training["input_noise"] == {"kind": "coarse_gaussian", "std": 0.2, "res": 8}
+    assert cli(_train_argv(dataset, out, *SHORT, "--input-noise", "0.2", "--noise-res", "8",
+                           "--sched", "cosine")) == 0
+    training = read_metadata(out).training
+    assert training["input_noise"] == {"kind": "coarse_gaussian", "std": 0.2, "res": 8}
+    assert training["lr_schedule"] == "cosine"
+    with open(tmp_path / "dae_train" / "metrics.csv") as fh:
+        lrs = [float(row["lr"]) for row in csv.DictReader(fh)]
+    assert lrs == pytest.approx([train_mod.epoch_lr(2e-3, e, 3, "cosine") for e in range(3)])

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=int, default=50)
     group.add_argument("--batch-size", type=int, default=12, help="per process (paper: 12)")
     group.add_argument("--lr", type=float, default=1e-5)
+    group.add_argument("--sched", choices=("constant", "cosine"), default="constant",
+                       help="learning-rate schedule: constant (the paper) or cosine decay from "
+                            "--lr towards 0 over --epochs, set at the start of each epoch")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--input-noise", type=float, default=0.0, metavar="STD",
                        help="denoising training: add coarse Gaussian noise of this std (intensity "
@@ -283,6 +286,14 @@ def coarse_noise(x: torch.Tensor, std: float, res: int = 16,
         noise = torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device)
     noise = F.interpolate(noise * std, size=x.shape[-2:], mode="bilinear", align_corners=False)
     return x + noise * (x > 0)
+
+
+def epoch_lr(base_lr: float, epoch: int, epochs: int, sched: str = "constant") -> float:
+    """Learning rate of epoch ``epoch`` (0-based) of ``epochs``: a function of the epoch alone,
+    so a resumed run follows the same schedule without a scheduler state."""
+    if sched == "cosine":
+        return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
+    return base_lr
 
 
 def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch.optim.Optimizer,
@@ -692,6 +703,8 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
         writer = _tensorboard(log_dir)
 
     for epoch in range(start_epoch, args.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(args.lr, epoch, args.epochs, args.sched)
         metrics = train_one_epoch(train_model, train_set, optimizer=optimizer,
                                   batch_size=args.batch_size, epoch=epoch, device=device,
                                   seed=args.seed, input_noise=args.input_noise,
@@ -749,7 +762,8 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
             "epochs": len(history), "best_epoch": best_epoch + 1, "best_val_loss": best_val,
             "loss": "mae" + "".join(f"+{k[len('train_'):]}" for k in history[-1]
                                     if k.startswith("train_") and k != "train_loss"),
-            "optimizer": "adam(0.9,0.999)", "lr": args.lr, "batch_size": args.batch_size,
+            "optimizer": "adam(0.9,0.999)", "lr": args.lr, "lr_schedule": args.sched,
+            "batch_size": args.batch_size,
             "world_size": dist_info.world_size, "seed": args.seed, "deterministic": args.deterministic,
             "train_volumes": len(inputs.train), "val_volumes": len(inputs.val),
             "train_slices": len(train_set), "val_slices": len(val_set),
