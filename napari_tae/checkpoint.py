@@ -274,7 +274,7 @@ def bundled_checkpoints() -> dict[str, Path]:
 
 #: The bundled checkpoint offered first (the widget on a fresh install, ``napari-tae demo``):
 #: the best of the bundled models on the bundled sample (see ``checkpoints/README.md``).
-DEFAULT_CHECKPOINT = "dc_tae_synthetic"
+DEFAULT_CHECKPOINT = "h_tae_s_synthetic"
 
 
 def default_checkpoint() -> str:

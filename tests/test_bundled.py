@@ -90,15 +90,17 @@ def test_default_model_auprc_beside_intensity(sample, default_result):
           f"{seg.settings['squash']:.2f}%, AUPRC {ap_model:.3f}; intensity baseline: AUPRC "
           f"{ap_base:.3f}, Dice {_dice(base.mask, truth):.3f} at squash 1%")
     assert math.isfinite(ap_model) and math.isfinite(ap_base)
+    # evaluation.md: a model that does not beat the FLAIR intensity has not learned normal anatomy
+    assert ap_model > ap_base
     # the calibrated threshold keeps false positives bounded: no flood of the brain
     assert np.count_nonzero(seg.mask) < 0.05 * np.count_nonzero(seg.brain)
 
 
 @pytest.mark.xfail(
-    reason="CPU-trained demo checkpoint (64 px, 60 short epochs) reconstructs a blurred healthy "
-    "brain: calibrated squash 34.9 %, Dice 0.00 on the sample (best threshold 0.14). A perfect "
-    "healthy reconstruction at 64 px reaches 0.68 here. A 70-epoch run on 48 volumes (idle CPU) "
-    "reached only Dice 0.05 (squash 23 %); needs a much longer (GPU) training run. "
+    reason="CPU-trained demo checkpoint (64 px, 40 epochs of denoising training): Dice 0.35 at its "
+    "calibrated squash 17.4 % on the sample (AUPRC 0.30, intensity 0.03). It still reproduces about "
+    "half of the tumour-like mass's excess brightness; a perfect healthy reconstruction would reach "
+    "0.79 at that threshold. Needs a larger model trained longer (GPU). "
     "See napari_tae/checkpoints/README.md.",
     strict=True,  # an XPASS fails: whoever makes the model good enough must drop this marker
 )
