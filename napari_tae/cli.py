@@ -166,17 +166,9 @@ def _brain_mask_for(job: _Job, brain_arg: str | None, geometry: Any) -> Any:
             f"{geometry.shape} of {job.source}"
         )
     # same shape is not enough: a mask of another scan or orientation would land off the brain
-    if not np.allclose(_ras_affine(mask.geometry), _ras_affine(geometry), atol=1e-3):
+    if not np.allclose(mask.geometry.ras_affine, geometry.ras_affine, atol=1e-3):
         raise CLIError(f"{path}: brain mask is on another grid (affine) than {job.source}")
     return mask.data > 0
-
-
-def _ras_affine(geometry: Any) -> np.ndarray:
-    """Affine of the canonical (RAS) array, to compare two volumes' grids."""
-    from nibabel.orientations import inv_ornt_aff, io_orientation
-
-    ornt = io_orientation(geometry.source_affine)
-    return geometry.source_affine @ inv_ornt_aff(ornt, geometry.source_shape[:3])
 
 
 def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckpt: Path | None) -> int:
@@ -371,6 +363,7 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
     from napari_tae._widget import AnomalyWidget
     from napari_tae.checkpoint import (
         CheckpointError,
+        bundled_checkpoints,
         default_checkpoint,
         resolve_checkpoint,
     )
@@ -388,7 +381,7 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
     widget = AnomalyWidget(viewer, synchronous=synchronous)
     viewer.window.add_dock_widget(widget, name="Find anomalies (TAE)", area="right")
     widget.image_combo.setCurrentText(SAMPLE_NAME)
-    if path is not None and spec not in _bundled_names():
+    if path is not None and spec not in bundled_checkpoints():
         widget.load_checkpoint_file(str(path))
     else:
         index = widget.model_combo.findData(spec)
@@ -401,12 +394,6 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
     scale, translate = layers[1][1]["scale"], layers[1][1]["translate"]
     viewer.dims.set_point(0, translate[0] + z * scale[0])
     return widget
-
-
-def _bundled_names() -> set[str]:
-    from napari_tae.checkpoint import bundled_checkpoints
-
-    return set(bundled_checkpoints())
 
 
 def _settle_qt(rounds: int = 10) -> None:

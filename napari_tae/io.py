@@ -82,6 +82,11 @@ def nifti_stem(path: str | os.PathLike) -> str:
     return name
 
 
+def _canonical_affine(affine: np.ndarray, ornt: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:
+    """Affine of the array reoriented by ``ornt`` (nibabel's ``io_orientation``) to RAS."""
+    return affine @ inv_ornt_aff(ornt, source_shape[:3])
+
+
 @dataclass(frozen=True, eq=False)
 class Geometry:
     """Where a napari-order array sits in the world, and how to put it back on disk.
@@ -135,7 +140,7 @@ class Geometry:
         else:
             header = header.copy()
         ornt = io_orientation(affine)
-        ras_affine = affine @ inv_ornt_aff(ornt, source_shape[:3])
+        ras_affine = _canonical_affine(affine, ornt, source_shape)
         ras_shape = np.empty(3, dtype=int)
         ras_shape[ornt[:, 0].astype(int)] = source_shape[:3]  # file axis i -> RAS axis ornt[i, 0]
         # reversing (R, A, S) gives napari's (S, A, R) order
@@ -155,6 +160,12 @@ class Geometry:
     def _ornt(self) -> np.ndarray:
         # deterministic from the affine, so not stored (keeps the dataclass to the contract)
         return io_orientation(self.source_affine)
+
+    @property
+    def ras_affine(self) -> np.ndarray:
+        """Affine of the canonical (RAS) array: equal for two volumes on the same grid, whatever
+        their on-disk axis order."""
+        return _canonical_affine(self.source_affine, self._ornt, self.source_shape)
 
     def to_source(self, data: np.ndarray) -> np.ndarray:
         """Napari-order ``(S, A, R)`` array -> on-disk orientation and shape (a view if possible)."""

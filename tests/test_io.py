@@ -381,3 +381,18 @@ def test_nifti_files_lists_only_nifti_files_directly_inside(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.nii.gz").mkdir()  # a folder named like a volume is not a file
     assert [p.name for p in tio.nifti_files(tmp_path)] == ["a.NII", "b.nii.gz"]
+
+
+def test_ras_affine_is_the_same_for_one_grid_stored_in_two_orientations():
+    shape = (5, 6, 7)
+    ras = np.array([[2.0, 0, 0, -10], [0, 3.0, 0, 20], [0, 0, 4.0, 5], [0, 0, 0, 1]])
+    # the same voxels stored with the first axis reversed (L instead of R) and axes 1/2 swapped
+    lps = ras.copy()
+    lps[:, 0] = -ras[:, 0]
+    lps[:3, 3] = ras[:3, 3] + ras[:3, 0] * (shape[0] - 1)
+    lps = lps[:, [0, 2, 1, 3]]
+    assert np.allclose(Geometry.from_affine(ras, shape).ras_affine, ras)
+    assert np.allclose(Geometry.from_affine(lps, (shape[0], shape[2], shape[1])).ras_affine, ras)
+    shifted = ras.copy()
+    shifted[0, 3] += 2.0
+    assert not np.allclose(Geometry.from_affine(shifted, shape).ras_affine, ras)
