@@ -223,7 +223,7 @@ def _garbage(path: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["empty_folder", "glob_nothing", "unreadable", "one_volume",
                                   "out_exists", "unknown_model", "bad_set", "resume_missing",
-                                  "negative_noise", "zero_noise_res"])
+                                  "negative_noise", "zero_noise_res", "negative_blobs"])
 def test_train_bad_input_exits_2_with_one_line(case: str, dataset: Path, tmp_path: Path, capsys):
     out = tmp_path / "m.safetensors"
     data = [str(dataset / "train")]
@@ -252,6 +252,8 @@ def test_train_bad_input_exits_2_with_one_line(case: str, dataset: Path, tmp_pat
         extra, expect = ["--set", "no_such_option=3"], "no_such_option"
     elif case == "negative_noise":
         extra, expect = ["--input-noise", "-0.1"], "--input-noise must be"
+    elif case == "negative_blobs":
+        extra, expect = ["--noise-blobs", "-0.3"], "--noise-blobs must be"
     elif case == "zero_noise_res":
         extra, expect = ["--input-noise", "0.2", "--noise-res", "0"], "--noise-res must be >= 1"
     else:
@@ -362,6 +364,25 @@ def test_coarse_noise_is_smooth_brain_only_and_of_the_asked_std():
     assert near > 0.9 and far < 0.3, (near, far)
 
 
+def test_noise_blobs_are_sharp_edged_brain_only_pieces_on_top_of_the_same_smooth_noise():
+    x = torch.zeros(64, 1, 64, 64)
+    x[:, :, 8:56, 8:56] = 0.5
+    smooth = train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0)) - x
+    # blob_std 0 is the smooth noise alone, draw for draw
+    assert torch.equal(train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0), blob_std=0.0) - x,
+                       smooth)
+    blobs = train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0), blob_std=0.4) - x - smooth
+    assert torch.all(blobs[x == 0] == 0)
+    # a field bilinearly upsampled from unit-variance cells exceeds 1.2 on a few per cent of pixels
+    covered = (blobs != 0).float()[:, :, 8:56, 8:56].mean().item()
+    assert 0.01 < covered < 0.1, covered
+    # sharp: a blob's edge jumps by far more than the smooth noise between neighbouring pixels
+    def max_jump(field):
+        return field[:, :, 8:56, 9:56].sub(field[:, :, 8:56, 8:55]).abs().max().item()
+    assert max_jump(blobs) > 3 * max_jump(smooth), (max_jump(blobs), max_jump(smooth))
+    assert 0.1 < blobs[blobs != 0].abs().mean().item() < 0.4
+
+
 class _Identity(torch.nn.Module):
     """Returns its input: the loss is then exactly how far the input is from the clean slice."""
 
@@ -376,8 +397,8 @@ class _Identity(torch.nn.Module):
         return self(x), {}
 
 
-@pytest.mark.parametrize("std", [0.0, 0.2])
-def test_denoising_loss_compares_with_the_clean_slice(std: float):
+@pytest.mark.parametrize("std, blobs", [(0.0, 0.0), (0.2, 0.0), (0.0, 0.4)])
+def test_denoising_loss_compares_with_the_clean_slice(std: float, blobs: float):
     from training.data import SliceDataset
 
     slices = torch.zeros(8, 32, 32, dtype=torch.float16)
@@ -386,15 +407,19 @@ def test_denoising_loss_compares_with_the_clean_slice(std: float):
     torch.manual_seed(0)
     metrics = train_mod.train_one_epoch(
         train_mod._TrainForward(model), SliceDataset(slices), optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        batch_size=4, epoch=0, device=torch.device("cpu"), input_noise=std, noise_res=8)
+        batch_size=4, epoch=0, device=torch.device("cpu"), input_noise=std, noise_res=8, noise_blobs=blobs)
     val = [train_mod.validate(model, SliceDataset(slices), batch_size=4, device=torch.device("cpu"),
-                              input_noise=std, noise_res=8, seed=seed)["val_loss"] for seed in (0, 0, 1)]
-    if std == 0:
+                              input_noise=std, noise_res=8, noise_blobs=blobs, seed=seed)["val_loss"]
+           for seed in (0, 0, 1)]
+    if std == blobs == 0:
         assert metrics["train_loss"] == 0.0 and val == [0.0, 0.0, 0.0]
-    else:  # mean |noise| over the image: brain fraction 0.56 x E|N(0, ~0.16)| ~ 0.07
-        assert 0.03 < metrics["train_loss"] < 0.12, metrics
-        # validation denoises the same seeded draw every epoch (comparable across epochs)
-        assert 0.03 < val[0] < 0.12 and val[0] == val[1] != val[2], val
+        return
+    # mean |noise| over the image: brain fraction 0.56 x E|N(0, ~0.16)| ~ 0.07; blobs alone cover
+    # a few per cent of the brain with offsets of ~0.2: ~0.005
+    low, high = (0.03, 0.12) if std else (0.0005, 0.03)
+    assert low < metrics["train_loss"] < high, metrics
+    # validation denoises the same seeded draw every epoch (comparable across epochs)
+    assert low < val[0] < high and val[0] == val[1] != val[2], val
 
 
 def test_cosine_schedule_by_hand():
@@ -404,16 +429,20 @@ def test_cosine_schedule_by_hand():
     assert [train_mod.epoch_lr(1e-3, e, 4) for e in range(4)] == [1e-3] * 4
 
 
-def test_denoising_and_schedule_are_used_and_recorded(dataset: Path, tmp_path: Path):
+@pytest.mark.parametrize("blobs", [0.0, 0.3])
+def test_denoising_and_schedule_are_used_and_recorded(blobs: float, dataset: Path, tmp_path: Path):
     import csv
 
     from napari_tae.checkpoint import read_metadata
 
     out = tmp_path / "dae.safetensors"
     assert cli(_train_argv(dataset, out, *SHORT, "--input-noise", "0.2", "--noise-res", "8",
-                           "--sched", "cosine")) == 0
+                           "--sched", "cosine", "--noise-blobs", str(blobs))) == 0
     training = read_metadata(out).training
-    assert training["input_noise"] == {"kind": "coarse_gaussian", "std": 0.2, "res": 8}
+    expected = {"kind": "coarse_gaussian", "std": 0.2, "res": 8}
+    if blobs:
+        expected["blobs"] = {"std": blobs, "level": train_mod.BLOB_LEVEL, "offset_res": train_mod.BLOB_OFFSET_RES}
+    assert training["input_noise"] == expected
     assert training["lr_schedule"] == "cosine"
     with open(tmp_path / "dae_train" / "metrics.csv") as fh:
         lrs = [float(row["lr"]) for row in csv.DictReader(fh)]

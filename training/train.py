@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--noise-res", type=int, default=16, metavar="N",
                        help="the noise is drawn on an N x N grid and upsampled to the slice size "
                             "(coarse, lesion-sized blobs rather than pixel noise)")
+    group.add_argument("--noise-blobs", type=float, default=0.0, metavar="STD",
+                       help="also add sharp-edged blobs (about 4%% of the slice, cut out of a "
+                            "second N x N noise field) brightened or darkened by offsets of this "
+                            "std, so that well-delineated lesions are replaced too; 0 = off")
     group.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms (bitwise reproducible, slower on GPU)")
     group.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
@@ -269,22 +273,37 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+#: Sharp-edged blobs (``--noise-blobs``) cover the pixels where a second unit-variance noise field,
+#: drawn like the smooth noise, exceeds this level: about 4 % of the slice, in lesion-sized pieces.
+BLOB_LEVEL = 1.2
+#: Grid of the blobs' intensity offsets: slowly varying, so one blob is mostly brighter or darker.
+BLOB_OFFSET_RES = 4
+
+
 def coarse_noise(x: torch.Tensor, std: float, res: int = 16,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, blob_std: float = 0.0) -> torch.Tensor:
     """``x`` plus smooth Gaussian noise for denoising training, zero outside the brain (``x > 0``).
 
     Drawn on a ``res`` x ``res`` grid and upsampled bilinearly to the slice size, so the
     perturbations are blobs of about ``size / res`` pixels: a model trained to remove them pulls
     lesion-like deviations towards healthy tissue instead of copying them (Kascenas et al.,
     "Denoising Autoencoders for Unsupervised Anomaly Detection in Brain MRI", MIDL 2022).
+    ``blob_std`` > 0 adds sharp-edged blobs (:data:`BLOB_LEVEL`) shifted by offsets of that std:
+    smooth noise alone teaches that a sharp edge is anatomy, so a well-delineated lesion is copied.
     ``generator`` (a CPU generator) makes the draw repeatable, e.g. for validation.
     """
-    shape = (x.shape[0], x.shape[1], res, res)
-    if generator is None:
-        noise = torch.randn(shape, device=x.device, dtype=x.dtype)
-    else:
-        noise = torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device)
-    noise = F.interpolate(noise * std, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    def smooth(grid: int, scale: float) -> torch.Tensor:
+        shape = (x.shape[0], x.shape[1], grid, grid)
+        if generator is None:
+            cells = torch.randn(shape, device=x.device, dtype=x.dtype)
+        else:
+            cells = torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device)
+        return F.interpolate(cells * scale, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    noise = smooth(res, std)
+    if blob_std > 0:
+        blobs = smooth(res, 1.0) > BLOB_LEVEL
+        noise = noise + blobs.to(x.dtype) * smooth(BLOB_OFFSET_RES, blob_std)
     return x + noise * (x > 0)
 
 
@@ -298,7 +317,7 @@ def epoch_lr(base_lr: float, epoch: int, epochs: int, sched: str = "constant") -
 
 def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch.optim.Optimizer,
                     batch_size: int, epoch: int, device: torch.device, seed: int = 0,
-                    input_noise: float = 0.0, noise_res: int = 16,
+                    input_noise: float = 0.0, noise_res: int = 16, noise_blobs: float = 0.0,
                     amp_ctx: contextlib.AbstractContextManager | None = None,
                     scaler: torch.amp.GradScaler | None = None, dist_info: DistInfo | None = None,
                     num_workers: int = 0, log_interval: int = 10,
@@ -312,6 +331,7 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
             same order as an uninterrupted one.
         input_noise: std of the :func:`coarse_noise` added to the input (0 = plain
             autoencoder); the loss always compares with the clean slice.
+        noise_blobs: std of :func:`coarse_noise`'s sharp-edged blobs (0 = none).
 
     Raises:
         NonFiniteLossError: the (all-reduced) running loss is NaN or infinite.
@@ -345,7 +365,8 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
             break
         x = x.to(device, non_blocking=True).float()
         data_time += time.perf_counter() - t_data
-        x_in = coarse_noise(x, input_noise, noise_res) if input_noise > 0 else x
+        x_in = (coarse_noise(x, input_noise, noise_res, blob_std=noise_blobs)
+                if input_noise > 0 or noise_blobs > 0 else x)
         with amp_ctx:
             recon, extra = model(x_in)
             loss = F.l1_loss(recon.float(), x)
@@ -401,7 +422,7 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
 def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, device: torch.device,
              amp_ctx: contextlib.AbstractContextManager | None = None,
              dist_info: DistInfo | None = None, input_noise: float = 0.0, noise_res: int = 16,
-             seed: int = 0) -> dict[str, float]:
+             noise_blobs: float = 0.0, seed: int = 0) -> dict[str, float]:
     """Mean per-slice MAE of ``model`` (eval mode, plain ``forward``) over ``dataset``.
 
     Each rank takes every ``world_size``-th slice and the sums are all-reduced, so the value is
@@ -418,7 +439,8 @@ def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, device
     generator = torch.Generator().manual_seed(seed + dist_info.rank)
     for x in iter_batches(dataset, indices, batch_size):
         x = x.to(device, non_blocking=True).float()
-        x_in = coarse_noise(x, input_noise, noise_res, generator) if input_noise > 0 else x
+        x_in = (coarse_noise(x, input_noise, noise_res, generator, blob_std=noise_blobs)
+                if input_noise > 0 or noise_blobs > 0 else x)
         with amp_ctx:
             recon = model(x_in)
         sums[0] += (recon.float() - x).abs().mean(dim=(1, 2, 3)).sum().double()
@@ -553,8 +575,10 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
         raise InputError(f"--min-brain-fraction must be in [0, 1), got {args.min_brain_fraction}")
     if not args.lr > 0:  # also rejects NaN (an infinite lr is allowed: it stops at the NaN check)
         raise InputError(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.input_noise < math.inf:
-        raise InputError(f"--input-noise must be a finite std >= 0, got {args.input_noise}")
+    for name in ("input_noise", "noise_blobs"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise InputError(f"--{name.replace('_', '-')} must be a finite std >= 0, "
+                             f"got {getattr(args, name)}")
 
     from napari_tae.models import list_models
 
@@ -708,12 +732,14 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
         metrics = train_one_epoch(train_model, train_set, optimizer=optimizer,
                                   batch_size=args.batch_size, epoch=epoch, device=device,
                                   seed=args.seed, input_noise=args.input_noise,
-                                  noise_res=args.noise_res, amp_ctx=amp_ctx, scaler=scaler,
+                                  noise_res=args.noise_res, noise_blobs=args.noise_blobs,
+                                  amp_ctx=amp_ctx, scaler=scaler,
                                   dist_info=dist_info, num_workers=args.num_workers,
                                   log_interval=args.log_interval)
         metrics.update(validate(model, val_set, batch_size=args.batch_size, device=device,
                                 amp_ctx=amp_ctx, dist_info=dist_info, input_noise=args.input_noise,
-                                noise_res=args.noise_res, seed=args.seed))
+                                noise_res=args.noise_res, noise_blobs=args.noise_blobs,
+                                seed=args.seed))
         improved = metrics["val_loss"] < best_val
         if improved:
             best_val, best_epoch = metrics["val_loss"], epoch
@@ -770,9 +796,12 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
             "excluded_lesion_slices": sum(v.excluded_lesion for v in train_set.volumes + val_set.volumes),
             "calibration_kernel": args.calib_kernel, "calibration_mode": args.calib_mode,
         }
-        if args.input_noise > 0:
+        if args.input_noise > 0 or args.noise_blobs > 0:
             training["input_noise"] = {"kind": "coarse_gaussian", "std": args.input_noise,
                                        "res": args.noise_res}
+            if args.noise_blobs > 0:
+                training["input_noise"]["blobs"] = {"std": args.noise_blobs, "level": BLOB_LEVEL,
+                                                    "offset_res": BLOB_OFFSET_RES}
         if args.data_note:
             training["data"] = args.data_note
         from napari_tae.checkpoint import save_checkpoint
