@@ -202,6 +202,22 @@ def test_resume_gives_uninterrupted_result(dataset: Path, tmp_path: Path, monkey
     assert len(rows) == 4
 
 
+def test_resume_extends_a_run_but_refuses_another_noise(dataset: Path, tmp_path: Path, capsys):
+    from napari_tae.checkpoint import read_metadata
+
+    out = tmp_path / "dae.safetensors"
+    assert cli(_train_argv(dataset, out, *SHORT, "--input-noise", "0.2")) == 0
+    more = [*SHORT, "--epochs", "4", "--input-noise", "0.2", "--resume", "--overwrite"]
+    with pytest.raises(SystemExit) as exc:
+        cli(_train_argv(dataset, out, *more, "--noise-blobs", "0.3"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "state was trained with input noise" in err and "blobs" in err, err
+    assert read_metadata(out).training["epochs"] == 3  # the refused run wrote nothing
+    assert cli(_train_argv(dataset, out, *more)) == 0
+    assert read_metadata(out).training["epochs"] == 4
+
+
 def test_nan_loss_stops_clearly(dataset: Path, tmp_path: Path, caplog):
     out = tmp_path / "nan.safetensors"
     argv = _train_argv(dataset, out, *SHORT)
@@ -369,8 +385,8 @@ def test_noise_blobs_are_sharp_edged_brain_only_pieces_on_top_of_the_same_smooth
     x[:, :, 8:56, 8:56] = 0.5
     smooth = train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0)) - x
     # blob_std 0 is the smooth noise alone, draw for draw
-    assert torch.equal(train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0), blob_std=0.0) - x,
-                       smooth)
+    no_blobs = train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0), blob_std=0.0)
+    assert torch.equal(no_blobs - x, smooth)
     blobs = train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0), blob_std=0.4) - x - smooth
     assert torch.all(blobs[x == 0] == 0)
     # a field bilinearly upsampled from unit-variance cells exceeds 1.2 on a few per cent of pixels
@@ -441,7 +457,8 @@ def test_denoising_and_schedule_are_used_and_recorded(blobs: float, dataset: Pat
     training = read_metadata(out).training
     expected = {"kind": "coarse_gaussian", "std": 0.2, "res": 8}
     if blobs:
-        expected["blobs"] = {"std": blobs, "level": train_mod.BLOB_LEVEL, "offset_res": train_mod.BLOB_OFFSET_RES}
+        expected["blobs"] = {"std": blobs, "level": train_mod.BLOB_LEVEL,
+                             "offset_res": train_mod.BLOB_OFFSET_RES}
     assert training["input_noise"] == expected
     assert training["lr_schedule"] == "cosine"
     with open(tmp_path / "dae_train" / "metrics.csv") as fh:

@@ -614,6 +614,16 @@ def _build(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+def noise_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The denoising objective (``training["input_noise"]`` in the checkpoint); None: plain."""
+    if not (args.input_noise > 0 or args.noise_blobs > 0):
+        return None
+    settings: dict[str, Any] = {"kind": "coarse_gaussian", "std": args.input_noise, "res": args.noise_res}
+    if args.noise_blobs > 0:
+        settings["blobs"] = {"std": args.noise_blobs, "level": BLOB_LEVEL, "offset_res": BLOB_OFFSET_RES}
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 bad input, 1 training failure, 130 interrupted)."""
     parser, args = parse_args(argv)
@@ -697,11 +707,18 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
     config_json = json.dumps(model.config_dict(), sort_keys=True, default=str)
+    noise_json = json.dumps(noise_settings(args), sort_keys=True)
     if args.resume:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state.get("model_name") != args.model or state.get("config") != config_json:
             raise InputError(f"--resume {state_path}: state is for model {state.get('model_name')} "
                              f"{state.get('config')}, not {args.model} {config_json}")
+        # the best model so far was picked by validation loss on the state's objective: a loss on
+        # another noise would not compare, and the file shipped could be the old objective's
+        if state.get("noise", noise_json) != noise_json:
+            raise InputError(f"--resume {state_path}: state was trained with input noise "
+                             f"{state['noise']}, this run asks for {noise_json}; pass the same noise "
+                             "options or start a new run")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -753,7 +770,7 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
                          metrics["train_loss"], metrics["val_loss"], " *" if improved else "",
                          metrics["slices_per_s"])
             _atomic_torch_save({
-                "format": STATE_FORMAT, "model_name": args.model, "config": config_json,
+                "format": STATE_FORMAT, "model_name": args.model, "config": config_json, "noise": noise_json,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
                 "epoch": epoch + 1, "best_val": best_val, "best_epoch": best_epoch,
@@ -796,12 +813,8 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
             "excluded_lesion_slices": sum(v.excluded_lesion for v in train_set.volumes + val_set.volumes),
             "calibration_kernel": args.calib_kernel, "calibration_mode": args.calib_mode,
         }
-        if args.input_noise > 0 or args.noise_blobs > 0:
-            training["input_noise"] = {"kind": "coarse_gaussian", "std": args.input_noise,
-                                       "res": args.noise_res}
-            if args.noise_blobs > 0:
-                training["input_noise"]["blobs"] = {"std": args.noise_blobs, "level": BLOB_LEVEL,
-                                                    "offset_res": BLOB_OFFSET_RES}
+        if noise_settings(args) is not None:
+            training["input_noise"] = noise_settings(args)
         if args.data_note:
             training["data"] = args.data_note
         from napari_tae.checkpoint import save_checkpoint
