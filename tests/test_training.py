@@ -387,6 +387,10 @@ def test_noise_blobs_are_sharp_edged_brain_only_pieces_on_top_of_the_same_smooth
     # blob_std 0 is the smooth noise alone, draw for draw
     no_blobs = train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0), blob_std=0.0)
     assert torch.equal(no_blobs - x, smooth)
+    # no noise at all: the slice itself, and the generator untouched (plain autoencoder runs)
+    generator = torch.Generator().manual_seed(0)
+    assert train_mod.coarse_noise(x, 0.0, 16, generator, blob_std=0.0) is x
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
     blobs = train_mod.coarse_noise(x, 0.2, 16, torch.Generator().manual_seed(0), blob_std=0.4) - x - smooth
     assert torch.all(blobs[x == 0] == 0)
     # a field bilinearly upsampled from unit-variance cells exceeds 1.2 on a few per cent of pixels

@@ -290,8 +290,12 @@ def coarse_noise(x: torch.Tensor, std: float, res: int = 16,
     "Denoising Autoencoders for Unsupervised Anomaly Detection in Brain MRI", MIDL 2022).
     ``blob_std`` > 0 adds sharp-edged blobs (:data:`BLOB_LEVEL`) shifted by offsets of that std:
     smooth noise alone teaches that a sharp edge is anatomy, so a well-delineated lesion is copied.
-    ``generator`` (a CPU generator) makes the draw repeatable, e.g. for validation.
+    ``generator`` (a CPU generator) makes the draw repeatable, e.g. for validation. With ``std``
+    and ``blob_std`` both 0 (plain autoencoder) ``x`` is returned as it is and nothing is drawn.
     """
+    if std == 0 and blob_std == 0:
+        return x
+
     def smooth(grid: int, scale: float) -> torch.Tensor:
         shape = (x.shape[0], x.shape[1], grid, grid)
         if generator is None:
@@ -365,8 +369,7 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
             break
         x = x.to(device, non_blocking=True).float()
         data_time += time.perf_counter() - t_data
-        x_in = (coarse_noise(x, input_noise, noise_res, blob_std=noise_blobs)
-                if input_noise > 0 or noise_blobs > 0 else x)
+        x_in = coarse_noise(x, input_noise, noise_res, blob_std=noise_blobs)
         with amp_ctx:
             recon, extra = model(x_in)
             loss = F.l1_loss(recon.float(), x)
@@ -439,8 +442,7 @@ def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, device
     generator = torch.Generator().manual_seed(seed + dist_info.rank)
     for x in iter_batches(dataset, indices, batch_size):
         x = x.to(device, non_blocking=True).float()
-        x_in = (coarse_noise(x, input_noise, noise_res, generator, blob_std=noise_blobs)
-                if input_noise > 0 or noise_blobs > 0 else x)
+        x_in = coarse_noise(x, input_noise, noise_res, generator, blob_std=noise_blobs)
         with amp_ctx:
             recon = model(x_in)
         sums[0] += (recon.float() - x).abs().mean(dim=(1, 2, 3)).sum().double()
@@ -618,9 +620,11 @@ def noise_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     """The denoising objective (``training["input_noise"]`` in the checkpoint); None: plain."""
     if not (args.input_noise > 0 or args.noise_blobs > 0):
         return None
-    settings: dict[str, Any] = {"kind": "coarse_gaussian", "std": args.input_noise, "res": args.noise_res}
+    settings: dict[str, Any] = {"kind": "coarse_gaussian", "std": args.input_noise,
+                                "res": args.noise_res}
     if args.noise_blobs > 0:
-        settings["blobs"] = {"std": args.noise_blobs, "level": BLOB_LEVEL, "offset_res": BLOB_OFFSET_RES}
+        settings["blobs"] = {"std": args.noise_blobs, "level": BLOB_LEVEL,
+                             "offset_res": BLOB_OFFSET_RES}
     return settings
 
 
@@ -707,7 +711,8 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
     config_json = json.dumps(model.config_dict(), sort_keys=True, default=str)
-    noise_json = json.dumps(noise_settings(args), sort_keys=True)
+    noise = noise_settings(args)
+    noise_json = json.dumps(noise, sort_keys=True)
     if args.resume:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state.get("model_name") != args.model or state.get("config") != config_json:
@@ -770,7 +775,8 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
                          metrics["train_loss"], metrics["val_loss"], " *" if improved else "",
                          metrics["slices_per_s"])
             _atomic_torch_save({
-                "format": STATE_FORMAT, "model_name": args.model, "config": config_json, "noise": noise_json,
+                "format": STATE_FORMAT, "model_name": args.model, "config": config_json,
+                "noise": noise_json,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
                 "epoch": epoch + 1, "best_val": best_val, "best_epoch": best_epoch,
@@ -813,8 +819,8 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
             "excluded_lesion_slices": sum(v.excluded_lesion for v in train_set.volumes + val_set.volumes),
             "calibration_kernel": args.calib_kernel, "calibration_mode": args.calib_mode,
         }
-        if noise_settings(args) is not None:
-            training["input_noise"] = noise_settings(args)
+        if noise is not None:
+            training["input_noise"] = noise
         if args.data_note:
             training["data"] = args.data_note
         from napari_tae.checkpoint import save_checkpoint
