@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
 from ._atomic import atomic_path
-from .layers import ReconstructionModel
+from .models._base import ReconstructionModel
 
 __all__ = [
     "FORMAT_VERSION",

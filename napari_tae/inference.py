@@ -34,6 +34,7 @@ __all__ = [
     "Reconstruction",
     "Segmentation",
     "default_squash",
+    "inference_job",
     "iter_reconstruct",
     "norm_from_meta",
     "reconstruct",
@@ -166,7 +167,7 @@ def iter_reconstruct(
     put in eval mode for the run (its train/eval mode is restored afterwards).
 
     Args:
-        model: A :class:`~napari_tae.layers.ReconstructionModel` (needs ``img_size``).
+        model: A :class:`~napari_tae.models.ReconstructionModel` (needs ``img_size``).
         volume_data: (Z, Y, X) FLAIR volume in napari order, raw intensities.
         brain: Optional brain mask (non-zero = brain); else guessed by ``prepare_volume``.
         norm: Normalisation to use; else the one ``meta`` asks for (:func:`norm_from_meta`),
@@ -373,3 +374,28 @@ def segment(
         norm=rec.norm,
         timings={"reconstruct_s": t1 - t0, "postprocess_s": t2 - t1},
     )
+
+
+def inference_job(
+    spec: str,
+    data: np.ndarray,
+    *,
+    brain: np.ndarray | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+) -> Generator[tuple[int, int], None, tuple[Any, Any, str]]:
+    """Generator for a napari thread worker: yields ``(slices_done, total)`` per batch.
+
+    Returns ``(Reconstruction, meta, device)``. Stopping the generator between yields (the
+    worker's ``quit()``) abandons the run without any partial result escaping.
+    """
+    from napari_tae.checkpoint import load_model
+
+    model, meta = load_model(spec)
+    dev = select_device(device)
+    # meta: the checkpoint's normalisation, as the headless inference.segment uses it, so the
+    # widget and the CLI give identical masks
+    rec = yield from iter_reconstruct(
+        model, data, brain=brain, meta=meta, device=dev, batch_size=batch_size
+    )
+    return rec, meta, str(dev)

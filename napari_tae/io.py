@@ -25,7 +25,6 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from napari_tae._atomic import atomic_path
 
 __all__ = [
-    "GEOMETRY_KEY",
     "MAX_AXIS",
     "MAX_VOXELS",
     "NIFTI_SUFFIXES",
@@ -33,7 +32,6 @@ __all__ = [
     "Volume",
     "VolumeError",
     "is_nifti_path",
-    "layer_kwargs",
     "load_mask",
     "load_volume",
     "nifti_files",
@@ -41,14 +39,12 @@ __all__ = [
     "save_volume",
 ]
 
-GEOMETRY_KEY = "napari_tae_geometry"
 #: Largest accepted size of one spatial axis; MRI volumes are a few hundred voxels per axis.
 MAX_AXIS = 2048
 #: Largest accepted number of voxels (2 GiB as float32).
 MAX_VOXELS = 512 * 1024 * 1024
 #: Largest accepted voxel size in mm; anything above is a broken header, not an MRI.
 MAX_SPACING = 100.0
-AXIS_LABELS = ("S", "A", "R")
 #: NIfTI file endings, longest first so that stripping ``.nii.gz`` wins over ``.nii``.
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
@@ -405,15 +401,3 @@ def save_volume(
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return Path(path)
-
-
-def layer_kwargs(geometry: Geometry, name: str) -> dict[str, Any]:
-    """napari layer keyword arguments placing a napari-order array in world mm coordinates."""
-    return {
-        "name": name,
-        "scale": geometry.spacing,
-        "translate": geometry.origin,
-        "axis_labels": AXIS_LABELS,
-        "units": ("mm", "mm", "mm"),
-        "metadata": {GEOMETRY_KEY: geometry},
-    }

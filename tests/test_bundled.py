@@ -37,7 +37,7 @@ def test_bundled_files_small_calibrated_and_marked_synthetic():
 
 @pytest.fixture(scope="module")
 def sample():
-    from napari_tae._sample_data import sample_volume
+    from napari_tae.plugin._sample_data import sample_volume
 
     return sample_volume()
 

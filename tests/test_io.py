@@ -11,7 +11,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from napari_tae import io as tio
-from napari_tae.io import Geometry, VolumeError, layer_kwargs, load_volume, save_volume
+from napari_tae.io import Geometry, VolumeError, load_volume, save_volume
+from napari_tae.plugin._layers import GEOMETRY_KEY, layer_kwargs
 
 SHAPE = (12, 10, 7)
 
@@ -115,7 +116,7 @@ def test_spacing_and_origin_by_hand(tmp_path):
     assert geo.origin == pytest.approx((13.5, 25 - 1.2 * 9, -40 - 0.9 * 11))
     kw = layer_kwargs(geo, "flair")
     assert kw["scale"] == geo.spacing and kw["translate"] == geo.origin
-    assert kw["metadata"][tio.GEOMETRY_KEY] is geo
+    assert kw["metadata"][GEOMETRY_KEY] is geo
     assert kw["units"] == ("mm", "mm", "mm") and len(kw["axis_labels"]) == 3
 
 

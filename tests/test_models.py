@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_tae.layers import PatchExpand, patchify, unpatchify
+from napari_tae.models.blocks import PatchExpand, patchify, unpatchify
 from napari_tae.models import (build_config, build_model, count_parameters, format_model_table, list_models,
                                model_defaults, model_info)
 

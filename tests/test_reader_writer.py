@@ -12,15 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_tae._reader import (
-    RADIOLOGICAL_ORIENTATION,
-    contrast_limits,
-    napari_get_reader,
-    read_nifti,
-    set_radiological_view,
-)
-from napari_tae._writer import write_image, write_labels
-from napari_tae.io import GEOMETRY_KEY, Geometry, VolumeError, load_volume, save_volume
+from napari_tae.io import Geometry, VolumeError, load_volume, save_volume
+from napari_tae.plugin._layers import GEOMETRY_KEY, RADIOLOGICAL_ORIENTATION, contrast_limits, set_radiological_view
+from napari_tae.plugin._reader import napari_get_reader, read_nifti
+from napari_tae.plugin._writer import write_image, write_labels
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "mslub_patient07"
 REAL = REAL if REAL.exists() else Path("/work/shared/data/real/mslub_patient07")

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from napari_tae.export import ExportError, export_paths
 from napari_tae.io import load_volume
-from napari_tae.review import (
+from napari_tae.plugin.review import (
     EditRecord,
-    ExportError,
     Generation,
     PostSettings,
     ReviewState,
     compute_mask,
-    export_paths,
     export_results,
     lesion_features,
     lesion_rows,

@@ -8,10 +8,11 @@ import pytest
 
 pytest.importorskip("qtpy")
 
-from napari_tae._widget import NEXT_KEY, AnomalyWidget  # noqa: E402
+from napari_tae.plugin._widget import NEXT_KEY, AnomalyWidget  # noqa: E402
 from napari_tae.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from napari_tae.inference import segment  # noqa: E402
-from napari_tae.io import GEOMETRY_KEY, layer_kwargs, load_volume  # noqa: E402
+from napari_tae.io import load_volume  # noqa: E402
+from napari_tae.plugin._layers import GEOMETRY_KEY, layer_kwargs  # noqa: E402
 from napari_tae.models import build_model  # noqa: E402
 from napari_tae.settings import CONFIG_ENV, load_settings  # noqa: E402
 from napari_tae.synthetic import sample_case  # noqa: E402
@@ -318,11 +319,11 @@ def test_opens_and_runs_in_fresh_napari_process(tmp_path, files):
     import sys
 
     code = ("import napari\n"
-            "from napari_tae.io import layer_kwargs, load_volume\n"
+            "from napari_tae.io import load_volume\nfrom napari_tae.plugin._layers import layer_kwargs\n"
             "v = napari.Viewer(show=False)\n"
             f"vol = load_volume({str(files['flair'])!r})\n"
             "v.add_image(vol.data, **layer_kwargs(vol.geometry, 'flair'))\n"
-            "from napari_tae._widget import AnomalyWidget\n"
+            "from napari_tae.plugin._widget import AnomalyWidget\n"
             "w = AnomalyWidget(v, synchronous=True)\n"
             "print('opened', w.model_combo.count())\n"
             "w.device_combo.setCurrentText('cpu')\n"

@@ -8,7 +8,7 @@ from ._registry import (build_config, build_model, count_parameters, format_mode
                         model_defaults, model_info, register_model)
 # importing the family modules registers their entrypoints (order = listing order)
 from . import tae, hierarchical, cnn, intensity  # noqa: E402,F401  isort: skip
-from ..layers import ReconstructionModel
+from ._base import ReconstructionModel
 
 __all__ = [
     "ReconstructionModel",

@@ -1,7 +1,7 @@
 """Model registry (after timm's ``models/_registry.py`` / ``_factory.py``).
 
 Entrypoints are plain functions decorated with :func:`register_model`; each accepts config
-overrides as keyword arguments and returns a :class:`~napari_tae.layers.ReconstructionModel`.
+overrides as keyword arguments and returns a :class:`~napari_tae.models.ReconstructionModel`.
 Called with ``_config_only=True`` an entrypoint returns its config dataclass without building.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..layers import ModelConfig, ReconstructionModel
+from ._base import ModelConfig, ReconstructionModel
 
 __all__ = [
     "register_model",

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..layers import ConvAE, ConvDecoder, ConvEncoder, ModelConfig, ReconstructionModel, VectorQuantizer
+from ._base import ModelConfig, ReconstructionModel
+from .blocks import ConvAE, ConvDecoder, ConvEncoder, VectorQuantizer
 from ._registry import register_model
 
 __all__ = ["ConvAEConfig", "VAEConfig", "VQVAEConfig", "ConvAutoencoder", "VAE", "VQVAE"]

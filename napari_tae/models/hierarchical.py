@@ -29,7 +29,8 @@ from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from timm.models.vision_transformer import Block
 
-from ..layers import ModelConfig, PatchExpand, ReconstructionModel, init_weights
+from ._base import ModelConfig, ReconstructionModel, init_weights
+from .blocks import PatchExpand
 from ._registry import register_model
 
 __all__ = ["HTAEConfig", "HierarchicalTAE"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..layers import ModelConfig, ReconstructionModel
+from ._base import ModelConfig, ReconstructionModel
 from ._registry import register_model
 
 __all__ = ["IntensityConfig", "IntensityBaseline"]

@@ -28,7 +28,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
-from ..layers import ConvAE, DecoderBlock, ModelConfig, ReconstructionModel, Unpatchify, init_weights
+from ._base import ModelConfig, ReconstructionModel, init_weights
+from .blocks import ConvAE, DecoderBlock, Unpatchify
 from ._registry import register_model
 
 __all__ = ["TAEConfig", "TransformerAE"]

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_tae.io import Geometry, Volume, layer_kwargs
+from napari_tae.io import Geometry, Volume
+from napari_tae.plugin._layers import contrast_limits, layer_kwargs
 
 __all__ = ["SAMPLE_NAME", "SAMPLE_SEED", "SAMPLE_SHAPE", "make_sample_data", "sample_arrays", "sample_volume"]
 
@@ -70,7 +71,6 @@ def sample_volume(seed: int = SAMPLE_SEED) -> tuple[Volume, np.ndarray]:
 
 def make_sample_data() -> list[LayerData]:
     """npe2 sample-data command: the FLAIR image layer and the ground-truth labels layer."""
-    from napari_tae._reader import contrast_limits
 
     volume, truth = sample_volume()
     image_kwargs = layer_kwargs(volume.geometry, SAMPLE_NAME)

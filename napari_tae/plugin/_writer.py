@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_tae.io import GEOMETRY_KEY, Geometry, VolumeError, save_volume
+from napari_tae.io import Geometry, VolumeError, save_volume
+from napari_tae.plugin._layers import GEOMETRY_KEY
 
 __all__ = ["write_image", "write_labels"]
 

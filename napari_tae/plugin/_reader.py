@@ -8,22 +8,18 @@ canonical RAS volume in napari order ``(S, A, R)``; the source geometry travels 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from napari_tae.io import Volume, is_nifti_path, layer_kwargs, load_mask, load_volume, nifti_stem
-from napari_tae.preprocess import brain_mask
+from napari_tae.io import Volume, is_nifti_path, load_mask, load_volume, nifti_stem
+from napari_tae.plugin._layers import contrast_limits, layer_kwargs, set_radiological_view
 
 __all__ = [
-    "RADIOLOGICAL_ORIENTATION",
-    "contrast_limits",
     "is_label_volume",
     "napari_get_reader",
     "read_nifti",
-    "set_radiological_view",
 ]
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -32,41 +28,12 @@ PathOrPaths = str | Sequence[str]
 #: A file with integer voxels taking at most this many values opens as a Labels layer.
 MAX_LABEL_VALUES = 256
 
-#: Camera orientation (depth, vertical, horizontal) for the (S, A, R) axes: anterior up, the
-#: patient's right on the screen's left, superior away from the viewer (seen from the feet).
-RADIOLOGICAL_ORIENTATION = ("away", "up", "left")
-
-
 def napari_get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
     """Return :func:`read_nifti` for ``.nii``/``.nii.gz`` paths (all of them), else None."""
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not paths or not all(is_nifti_path(p) for p in paths):
         return None
     return read_nifti
-
-
-def contrast_limits(data: np.ndarray) -> tuple[float, float]:
-    """Display window: 1st to 99.5th percentile of the brain (of the volume if that is flat)."""
-    with warnings.catch_warnings():
-        # the not-skull-stripped warning is for the model; display works either way
-        warnings.simplefilter("ignore")
-        try:
-            values = data[brain_mask(data)]
-        except ValueError:
-            values = data.ravel()
-    lo, hi = (float(v) for v in np.percentile(values, [1.0, 99.5]))
-    if not hi > lo:
-        lo, hi = float(data.min()), float(data.max())
-    return lo, hi
-
-
-def set_radiological_view(viewer: Any) -> None:
-    """Radiological display through the camera: anterior up, patient's right on screen left.
-
-    Flips the camera orientation instead of using negative layer scales, so world coordinates
-    (and everything written back) stay in true RAS millimetres.
-    """
-    viewer.camera.orientation = RADIOLOGICAL_ORIENTATION
 
 
 def is_label_volume(volume: Volume) -> bool:

@@ -1,6 +1,6 @@
 """napari dock widget: run a reconstruction model on a FLAIR layer and review its anomalies.
 
-Thin Qt wiring around :mod:`napari_tae.review` (cached residual, live post-processing, manual
+Thin Qt wiring around :mod:`napari_tae.plugin.review` (cached residual, live post-processing, manual
 edits, export) and :mod:`napari_tae.settings` (remembered preferences). The network runs in a
 napari generator worker that yields per batch; every asynchronous result is tagged with a
 generation counter, so a stale result (re-run, cancel, layer removed) is dropped, never shown.
@@ -37,14 +37,13 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from napari_tae.review import (
-    ExportError,
+from napari_tae.export import ExportError
+from napari_tae.plugin.review import (
     Generation,
     PostSettings,
     ReviewState,
     compute_mask,
     export_results,
-    inference_job,
     lesion_features,
     lesion_rows,
 )
@@ -348,6 +347,8 @@ class AnomalyWidget(QWidget):
         self.settings.device = self.device_combo.currentText()
         self.settings.add_recent(spec)
         save_settings(self.settings)
+        from napari_tae.inference import inference_job
+
         job = partial(inference_job, spec, data, brain=brain, device=self.settings.device,
                       batch_size=self.settings.batch_size)
         on_done = partial(self._on_inference_done, tag, layer, data, spec)
@@ -416,7 +417,7 @@ class AnomalyWidget(QWidget):
                                 "result discarded.")
             return
         rec, meta, device = value
-        from napari_tae.io import GEOMETRY_KEY
+        from napari_tae.plugin._layers import GEOMETRY_KEY
 
         geometry = layer.metadata.get(GEOMETRY_KEY)
         state = ReviewState(
@@ -455,7 +456,7 @@ class AnomalyWidget(QWidget):
         name = f"{state.source_name} {kind}"
         metadata = {RESULT_KEY: kind, SOURCE_KEY: state.source_name}
         if state.geometry is not None:
-            from napari_tae.io import layer_kwargs
+            from napari_tae.plugin._layers import layer_kwargs
 
             kw = layer_kwargs(state.geometry, name)
             kw["metadata"] = {**kw["metadata"], **metadata}

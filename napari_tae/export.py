@@ -1,0 +1,143 @@
+"""Writing results: output names, lesion CSV, the provenance record shared by the CLI and the plugin.
+
+No napari, no Qt: the CLI writes through these functions and the plugin's export calls them too,
+so both record the same provenance schema.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_tae._atomic import atomic_path
+
+__all__ = [
+    "ExportError",
+    "export_paths",
+    "file_sha256",
+    "jsonable",
+    "provenance_record",
+    "write_lesion_csv",
+]
+
+
+class ExportError(ValueError):
+    """An export that would overwrite a file or the input volume."""
+
+
+_SUFFIXES = {
+    "mask": "_mask.nii.gz",
+    "residual": "_residual.nii.gz",
+    "lesions": "_lesions.csv",
+    "provenance": "_provenance.json",
+}
+
+
+def export_paths(folder: str | os.PathLike, base: str) -> dict[str, Path]:
+    """The files an export writes: ``<folder>/<base>_{mask,residual}.nii.gz``, CSV and JSON."""
+    base = base.strip()
+    if not base or os.sep in base or (os.altsep and os.altsep in base):
+        raise ExportError(f"{base!r}: the base name must be a plain file name prefix")
+    return {k: Path(folder) / f"{base}{s}" for k, s in _SUFFIXES.items()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Full sha256 of a file (the checkpoint's own bytes, for the provenance record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def jsonable(value: Any) -> Any:
+    """numpy scalars/arrays, paths and tuples -> plain JSON values (anything else as its str)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def provenance_record(
+    *,
+    input_file: str | os.PathLike | None,
+    checkpoint: str | os.PathLike | None,
+    meta: Any,
+    settings: dict[str, Any],
+    outputs: dict[str, str | os.PathLike],
+    n_lesions: int,
+    command: str,
+) -> dict[str, Any]:
+    """The one provenance schema, for the CLI's and the plugin's outputs alike.
+
+    Input file and its sha256, the model (checkpoint path, file and weights hashes, config,
+    calibration, preprocessing, training summary), every setting, the outputs, version and date.
+    """
+    from napari_tae import __version__
+    from napari_tae.checkpoint import CheckpointError, resolve_checkpoint
+
+    model: dict[str, Any] = {"name": "intensity", "checkpoint": None}
+    if meta is not None:
+        try:
+            path = resolve_checkpoint(checkpoint) if checkpoint else None
+        except CheckpointError:  # the file went away since it was loaded: record its name only
+            path = None
+        model = {
+            "name": meta.model_name,
+            "checkpoint": str(path.resolve()) if path else checkpoint,
+            "checkpoint_file_sha256": file_sha256(path) if path else None,
+            "weights_sha256": meta.sha256,
+            "img_size": meta.img_size,
+            "config": meta.config,
+            "calibration": meta.calibration,
+            "preprocessing": meta.preprocessing,
+            "training": meta.training,
+        }
+    source = Path(input_file) if input_file and os.path.isfile(input_file) else None
+    return jsonable({
+        "input": str(source.resolve()) if source else input_file,
+        "input_sha256": file_sha256(source) if source else None,
+        "model": model,
+        "settings": settings,
+        "lesions": n_lesions,
+        "outputs": {k: str(Path(p).resolve()) for k, p in outputs.items()},
+        "software": {"napari_tae": __version__, "command": command},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+def write_lesion_csv(lesions: list[dict], path: str | os.PathLike) -> Path:
+    """Lesion table as CSV; (z, y, x) tuples become ``<name>_z``, ``_y``, ``_x`` columns."""
+    rows = []
+    for lesion in lesions:
+        row = {}
+        for key, value in lesion.items():
+            if isinstance(value, (tuple, list)):
+                axes = "zyx" if len(value) == 3 else "yx"[-len(value):]
+                row.update({f"{key}_{a}": v for a, v in zip(axes, value)})
+            else:
+                row[key] = value
+        rows.append(row)
+    columns = list(rows[0]) if rows else ["label", "voxels", "volume_ml", "max_residual",
+                                         "mean_residual"]
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
