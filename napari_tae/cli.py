@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from napari_tae._atomic import write_text_atomic
-from napari_tae.io import NIFTI_SUFFIXES, nifti_files, nifti_stem
+from napari_tae.io import NIFTI_SUFFIXES, error_line, nifti_files, nifti_stem, same_file
+from napari_tae.options import DEVICE_CHOICES, MEDIAN_MODES, check_median_kernel
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -84,17 +85,8 @@ def _load_model(name_or_path: str) -> tuple[Any, Any, Path | None]:
         path = resolve_checkpoint(name_or_path)
         model, meta = load_model(name_or_path)
     except (CheckpointError, OSError, ValueError) as exc:
-        raise CLIError(_one_line(exc, name_or_path)) from None
+        raise CLIError(error_line(exc, name_or_path)) from None
     return model, meta, path
-
-
-def _one_line(exc: BaseException, path: str | os.PathLike | None = None) -> str:
-    """A user-facing one-line message; names the file when the exception does not already."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    if path is not None and os.fspath(path) not in text:
-        text = f"{os.fspath(path)}: {text}"
-    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,16 +118,10 @@ def _plan_jobs(files: list[Path], out_dir: Path) -> tuple[list[_Job], list[tuple
     return jobs, failed
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def _check_outputs(job: _Job, inputs: list[Path], overwrite: bool) -> None:
     """Refuse, before computing anything, outputs that exist or that are one of the inputs."""
     for out in job.outputs.values():
-        if any(_same_path(out, src) for src in inputs):
+        if any(same_file(out, src) for src in inputs):
             raise CLIError(f"{job.source}: output {out} is one of the inputs; choose another --out-dir")
     existing = [out.name for out in job.outputs.values() if out.exists()]
     if existing and not overwrite:
@@ -241,7 +227,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                     _logger.warning("%s: %s", job.source, str(warning.message).splitlines()[0])
             except (CLIError, ValueError, OSError, RuntimeError) as exc:
                 # one bad file is reported by name on one line and skipped; the rest go on
-                message = _one_line(exc, job.source)
+                message = error_line(exc, job.source)
                 failures.append((job.source, message))
                 _logger.error("%s", message)
             else:
@@ -259,25 +245,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 # models
-
-
-def _param_count(model: Any) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def _model_table() -> str:
-    """The zoo as text: the model engineer's table when available, else built here."""
-    from napari_tae import models
-
-    formatter = getattr(models, "format_model_table", None)
-    if formatter is not None:
-        return str(formatter())
-    lines = [f"{'model':<12} {'parameters':>12}  default config"]
-    for name in models.list_models():
-        n_params = _param_count(models.build_model(name))
-        config = json.dumps(models.model_defaults(name), sort_keys=True)
-        lines.append(f"{name:<12} {n_params:>12,}  {config}")
-    return "\n".join(lines)
 
 
 def bundled_summary() -> list[dict[str, Any]]:
@@ -316,20 +283,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     """Run ``napari-tae models``: the zoo, then the bundled checkpoints."""
     bundled = bundled_summary()
     if args.json:
+        import torch
+
         from napari_tae import models
+        from napari_tae.export import jsonable
 
         zoo = {}
         for name in models.list_models():
-            zoo[name] = {
-                "defaults": models.model_defaults(name),
-                "parameters": _param_count(models.build_model(name)),
-            }
-        from napari_tae.export import jsonable
+            with torch.device("meta"):  # counts only: no memory, no initialisation
+                n_params = models.count_parameters(models.build_model(name))
+            zoo[name] = {"defaults": models.model_defaults(name), "parameters": n_params}
 
         print(json.dumps({"models": zoo, "bundled": jsonable(bundled)}, indent=2))
         return 0
     print("Models (paper default configs):")
-    print(_model_table())
+    from napari_tae.models import format_model_table
+
+    print(format_model_table())
     print()
     print("Bundled checkpoints (use the name with --checkpoint; 'intensity' needs none):")
     if not bundled:
@@ -357,11 +327,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # parser and entry point
 
 
-def _positive_odd(text: str) -> int:
-    value = int(text)
-    if value < 1 or value % 2 == 0:
-        raise argparse.ArgumentTypeError(f"median kernel must be a positive odd integer (got {value})")
-    return value
+def _median_kernel(text: str) -> int:
+    try:
+        return check_median_kernel(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative_float(text: str) -> float:
@@ -431,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto"
     )
     post = seg.add_argument_group("post-processing")
-    post.add_argument("--median-kernel", type=_positive_odd, default=5, help="odd, 1 = off (default 5)")
+    post.add_argument("--median-kernel", type=_median_kernel, default=5, help="odd, 1 = off (default 5)")
     post.add_argument(
-        "--median-mode", choices=("2d", "3d"), default="2d", help="per-slice or volume median (default 2d)"
+        "--median-mode", choices=MEDIAN_MODES, default="2d", help="per-slice or volume median (default 2d)"
     )
     post.add_argument(
         "--squash",
@@ -463,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the model, save a screenshot of the viewer to FILE and exit (headless use)",
     )
     demo.add_argument("--checkpoint", metavar="FILE_OR_NAME", default=None, help="default: bundled default")
-    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    demo.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     demo.set_defaults(func=cmd_demo)
     return parser
 

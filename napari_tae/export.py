@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,18 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def jsonable(value: Any) -> Any:
-    """numpy scalars/arrays, paths and tuples -> plain JSON values (anything else as its str)."""
+    """Plain strict-JSON values: numpy scalars/arrays, paths and tuples converted, nan/inf as
+    None (strict JSON readers reject NaN), anything else as its str."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, Path):
         return str(value)
     if value is None or isinstance(value, (str, int, float, bool)):

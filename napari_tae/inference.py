@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .options import DEVICE_CHOICES
 from .postprocess import anomaly_mask, lesion_table, residual as residual_map
-from .preprocess import NormParams, brain_mask, fit_normalisation, prepare_volume
+from .preprocess import NormParams, brain_mask, norm_from_settings, prepare_volume
 
 __all__ = [
-    "DEVICE_CHOICES",
     "Reconstruction",
     "Segmentation",
     "default_squash",
@@ -45,7 +45,6 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 #: Values accepted by :func:`select_device` (plus ``"cuda:N"``).
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,14 +278,7 @@ def norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams
     numbers are used as they are only when the normalisation is not per volume. None (no meta, or
     no settings) lets :func:`~napari_tae.preprocess.prepare_volume` fit its defaults.
     """
-    pre = dict(getattr(meta, "preprocessing", None) or {})
-    if pre.get("normalisation", "per_volume") != "per_volume" and {"low", "high"} <= set(pre):
-        return NormParams.from_dict(pre)
-    if "upper_percentile" in pre:
-        lower = pre.get("lower_percentile")
-        kwargs = {} if lower is None else {"lower_percentile": float(lower)}
-        return fit_normalisation(data, brain, float(pre["upper_percentile"]), **kwargs)
-    return None
+    return norm_from_settings(data, brain, getattr(meta, "preprocessing", None) or {})
 
 
 def default_squash(meta: Any) -> tuple[float, str]:

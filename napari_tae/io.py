@@ -31,11 +31,13 @@ __all__ = [
     "Geometry",
     "Volume",
     "VolumeError",
+    "error_line",
     "is_nifti_path",
     "load_mask",
     "load_volume",
     "nifti_files",
     "nifti_stem",
+    "same_file",
     "save_volume",
 ]
 
@@ -252,9 +254,9 @@ def load_volume(path: str | os.PathLike, *, allow_constant: bool = False) -> Vol
         # header only (lazy): dimensions are checked before any voxel is decompressed
         img = nib.load(path)
     except (nib.filebasedimages.ImageFileError, gzip.BadGzipFile) as exc:
-        raise VolumeError(path, f"not a NIfTI file ({_short(exc)})") from None
+        raise VolumeError(path, f"not a NIfTI file ({error_line(exc)})") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
-        raise VolumeError(path, f"truncated or corrupt file ({_short(exc)})") from None
+        raise VolumeError(path, f"truncated or corrupt file ({error_line(exc)})") from None
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
         raise VolumeError(path, f"not a NIfTI file (read as {type(img).__name__})")
     shape = _check_header(path, img)
@@ -267,7 +269,7 @@ def load_volume(path: str | os.PathLike, *, allow_constant: bool = False) -> Vol
             blob = gzip.decompress(blob)
         raw = np.asarray(type(img).from_bytes(blob).dataobj)
     except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise VolumeError(path, f"truncated or corrupt file ({_short(exc)})") from None
+        raise VolumeError(path, f"truncated or corrupt file ({error_line(exc)})") from None
     del blob
     if raw.dtype.kind not in "biuf":
         raise VolumeError(path, f"unsupported data type {raw.dtype}")
@@ -289,10 +291,13 @@ def load_mask(path: str | os.PathLike) -> Volume:
     return load_volume(path, allow_constant=True)
 
 
-def _short(exc: BaseException) -> str:
-    """First line of an exception message, so user errors stay one line."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def error_line(exc: BaseException, path: str | os.PathLike | None = None) -> str:
+    """An exception as a one-line user message; names ``path`` when the message does not already."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    if path is not None and os.fspath(path) not in text:
+        text = f"{os.fspath(path)}: {text}"
+    return text
 
 
 def _label_dtype(data: np.ndarray, path: str) -> np.dtype:
@@ -310,7 +315,8 @@ def _label_dtype(data: np.ndarray, path: str) -> np.dtype:
     raise VolumeError(path, f"label values {lo}..{hi} do not fit int32")
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two paths name one file (existing: same inode; else same resolved path)."""
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
     return os.path.realpath(a) == os.path.realpath(b)
@@ -379,7 +385,7 @@ def save_volume(
     path = os.fspath(path)
     if not is_nifti_path(path):
         raise VolumeError(path, "output must end with .nii or .nii.gz")
-    if geometry is not None and geometry.source_path and _same_file(path, geometry.source_path):
+    if geometry is not None and geometry.source_path and same_file(path, geometry.source_path):
         raise VolumeError(path, "refusing to write over the source volume")
     if os.path.exists(path) and not overwrite:
         raise VolumeError(path, "file exists (pass overwrite=True to replace it)")

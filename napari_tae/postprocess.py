@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_tae.options import MEDIAN_MODES, check_median_kernel
+
 __all__ = [
     "residual",
     "median_filtered",
@@ -48,23 +50,12 @@ __all__ = [
 #: 1 %, 0.5 % and 0.1 %); the first one is the default threshold.
 CALIBRATION_PERCENTILES: tuple[float, ...] = (99.0, 99.5, 99.9)
 
-_MODES = ("2d", "3d")
-
-
 # --------------------------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------------------------
-def _check_kernel(kernel: Any) -> int:
-    if isinstance(kernel, bool) or not isinstance(kernel, (int, np.integer)):
-        raise ValueError(f"median kernel must be an odd integer >= 1, got {kernel!r}")
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"median kernel must be an odd integer >= 1, got {kernel}")
-    return int(kernel)
-
-
 def _check_mode(mode: str, ndim: int) -> str:
-    if mode not in _MODES:
-        raise ValueError(f"median mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MEDIAN_MODES:
+        raise ValueError(f"median mode must be one of {MEDIAN_MODES}, got {mode!r}")
     if mode == "3d" and ndim != 3:
         raise ValueError(f"3d median mode needs a 3D (Z, Y, X) array, got {ndim}D")
     if ndim not in (2, 3):
@@ -136,7 +127,7 @@ def median_filtered(residual: np.ndarray, kernel: int = 5, mode: str = "2d") -> 
         Filtered array of the input's shape and dtype (borders: scipy's default ``'reflect'``).
     """
     residual = np.asarray(residual)
-    kernel = _check_kernel(kernel)
+    kernel = check_median_kernel(kernel)
     mode = _check_mode(mode, residual.ndim)
     if kernel == 1:
         return residual.copy()
@@ -223,7 +214,7 @@ def anomaly_mask(
         Boolean mask of the residual's shape.
     """
     residual = np.asarray(residual)
-    kernel = _check_kernel(kernel)
+    kernel = check_median_kernel(kernel)
     mode = _check_mode(mode, residual.ndim)
     brain = _check_brain(brain, residual.shape)
     mask = _majority(residual > _threshold(squash), kernel, _filter_axes(residual.ndim, mode))
@@ -267,7 +258,7 @@ def slice_mask(
         Boolean 2D mask of the slice.
     """
     residual = np.asarray(residual)
-    kernel = _check_kernel(kernel)
+    kernel = check_median_kernel(kernel)
     t = _threshold(squash)
     if residual.ndim == 2:
         if index is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "SliceGrid",
     "brain_mask",
     "fit_normalisation",
+    "norm_from_settings",
     "normalise",
     "prepare_volume",
 ]
@@ -115,7 +116,7 @@ class NormParams:
             low=float(d["low"]),
             high=float(d["high"]),
             upper_percentile=float(d.get("upper_percentile", 99.5)),
-            lower_percentile=float(d.get("lower_percentile", 0.0)),
+            lower_percentile=float(d.get("lower_percentile", 0.5)),
         )
 
 
@@ -146,6 +147,22 @@ def fit_normalisation(
     if not high > low:
         raise ValueError(f"Brain intensities are constant ({low:g}); cannot normalise.")
     return NormParams(low, high, float(upper_percentile), float(lower_percentile))
+
+
+def norm_from_settings(data: np.ndarray, brain: np.ndarray, settings: dict[str, Any]) -> NormParams | None:
+    """The normalisation that stored preprocessing settings ask for (checkpoint or training run).
+
+    ``{"normalisation": "per_volume", "upper_percentile": p, "lower_percentile": q}`` fits the
+    window on this volume's own brain; fixed ``low``/``high`` numbers are used as they are only
+    when the normalisation is not per volume. None when the settings say neither.
+    """
+    if settings.get("normalisation", "per_volume") != "per_volume" and {"low", "high"} <= set(settings):
+        return NormParams.from_dict(settings)
+    if "upper_percentile" in settings:
+        lower = settings.get("lower_percentile")
+        kwargs = {} if lower is None else {"lower_percentile": float(lower)}
+        return fit_normalisation(data, brain, float(settings["upper_percentile"]), **kwargs)
+    return None
 
 
 def normalise(data: np.ndarray, mask: np.ndarray, params: NormParams) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_tae._atomic import write_text_atomic
+from napari_tae.options import DEVICE_CHOICES, MEDIAN_MODES
 
 __all__ = [
     "CONFIG_ENV",
@@ -32,8 +33,6 @@ __all__ = [
 CONFIG_ENV = "NAPARI_TAE_CONFIG_DIR"
 MAX_RECENT = 8
 _FILENAME = "settings.json"
-_DEVICES = ("auto", "cuda", "mps", "cpu")
-_MODES = ("2d", "3d")
 _UNITS = ("voxels", "mL")
 
 
@@ -74,12 +73,12 @@ class Settings:
         recent = raw.get("recent_checkpoints")
         if isinstance(recent, list):
             s.recent_checkpoints = [c for c in recent if isinstance(c, str)][:MAX_RECENT]
-        if raw.get("device") in _DEVICES:
+        if raw.get("device") in DEVICE_CHOICES:
             s.device = raw["device"]
         kernel = raw.get("kernel")
         if isinstance(kernel, int) and 1 <= kernel <= 15 and kernel % 2 == 1:
             s.kernel = kernel
-        if raw.get("mode") in _MODES:
+        if raw.get("mode") in MEDIAN_MODES:
             s.mode = raw["mode"]
         min_size = raw.get("min_size")
         if isinstance(min_size, (int, float)) and not isinstance(min_size, bool) and min_size >= 0:

@@ -251,7 +251,7 @@ def test_norm_from_meta_and_default_squash(volume):
     per_volume = SimpleNamespace(preprocessing={"normalisation": "per_volume", "upper_percentile": 98.0})
     assert norm_from_meta(volume, brain, per_volume) == fit_normalisation(volume, brain, 98.0)
     fixed = SimpleNamespace(preprocessing={"normalisation": "fixed", "low": 10.0, "high": 500.0})
-    assert norm_from_meta(volume, brain, fixed) == NormParams(10.0, 500.0, 99.5, 0.0)
+    assert norm_from_meta(volume, brain, fixed) == NormParams(10.0, 500.0, 99.5, 0.5)
     assert default_squash(None) == (1.0, "paper default")
     assert default_squash(SimpleNamespace(calibration={})) == (1.0, "paper default")
     assert default_squash(SimpleNamespace(calibration={"default": 2.5})) == (2.5, "calibrated")

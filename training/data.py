@@ -261,10 +261,10 @@ def norm_settings(upper_percentile: float | None = None,
 
 def fit_volume_norm(data: np.ndarray, settings: dict[str, float]):
     """Brain mask and this volume's normalisation, fitted as the plugin fits it from a checkpoint."""
-    from napari_tae.preprocess import brain_mask, fit_normalisation
+    from napari_tae.preprocess import brain_mask, norm_from_settings
 
     brain = brain_mask(data)
-    return brain, fit_normalisation(data, brain, settings["upper_percentile"], settings["lower_percentile"])
+    return brain, norm_from_settings(data, brain, settings)
 
 
 def _prepare(data: np.ndarray, img_size: int, settings: dict[str, float] | None):

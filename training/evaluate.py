@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 
 from napari_tae._atomic import write_text_atomic
-from napari_tae.io import nifti_stem
+from napari_tae.export import jsonable
+from napari_tae.io import error_line, nifti_stem
+from napari_tae.options import MEDIAN_MODES, check_median_kernel
 from training.data import InputError, pair_by_name, resolve_volumes
-from training.metrics import BinnedScores, dice, mean_std, slice_dice_smoothed, ssim_slices
+from training.metrics import (BinnedScores, dice_at_threshold, false_positive_counts, mean_std, slice_dice_smoothed,
+                              ssim_slices)
 
 __all__ = ["build_parser", "main", "evaluate", "EvalInputs", "format_markdown"]
 
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="healthy volumes: SSIM and the calibrated threshold's false-positive rate")
     group = parser.add_argument_group("pipeline")
     group.add_argument("--median-kernel", type=int, default=5, help="odd median window, 1 = off (default 5)")
-    group.add_argument("--median-mode", choices=("2d", "3d"), default="2d")
+    group.add_argument("--median-mode", choices=MEDIAN_MODES, default="2d")
     group.add_argument("--squash", type=float,
                        help="label-free threshold in percent (default: the checkpoint's calibrated one, else 1)")
     group.add_argument("--bins", type=int, default=100_000, help="score histogram bins on [0, 1]")
@@ -79,8 +82,10 @@ class EvalInputs:
 
 def check_inputs(args: argparse.Namespace) -> EvalInputs:
     """Resolve and pair every input before any computation (InputError on the first problem)."""
-    if args.median_kernel < 1 or args.median_kernel % 2 == 0:
-        raise InputError(f"--median-kernel must be an odd integer >= 1, got {args.median_kernel}")
+    try:
+        check_median_kernel(args.median_kernel)
+    except ValueError as exc:
+        raise InputError(f"--median-kernel: {exc}") from None
     if args.squash is not None and not (math.isfinite(args.squash) and args.squash >= 0):
         raise InputError(f"--squash must be a finite percentage >= 0, got {args.squash}")
     if args.bins < 10:
@@ -110,7 +115,7 @@ def load_model(args: argparse.Namespace):
         try:
             model, meta = load_checkpoint(args.checkpoint)
         except (CheckpointError, OSError) as exc:
-            raise InputError(str(exc).splitlines()[0]) from None
+            raise InputError(error_line(exc)) from None
         return model, meta, meta.model_name
     from napari_tae.models import build_model, list_models
 
@@ -197,10 +202,8 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
         brain_acc += vol_acc
         all_acc.update(score, label)
         volume_hists.append((vol_acc.pos.astype(np.int32), vol_acc.neg.astype(np.int32)))
-        pred = (score > threshold) & brain
         lesion_in_brain = label & brain
-        fp_test[0] += int(np.count_nonzero(pred & ~label))
-        fp_test[1] += int(np.count_nonzero(brain & ~label))
+        fp_test = [a + b for a, b in zip(fp_test, false_positive_counts(score, threshold, brain & ~label))]
         slice_dice_paper.append(slice_dice_smoothed((score > PAPER_SQUASH / 100.0) & brain, label))
         lesion_free = ~label.reshape(label.shape[0], -1).any(1) & brain.reshape(brain.shape[0], -1).any(1)
         if lesion_free.any():
@@ -213,11 +216,11 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
         per_volume.append({
             "name": nifti_stem(img), "lesion_voxels": int(np.count_nonzero(lesion_in_brain)),
             "auroc": vol_acc.auroc(), "auprc": vol_acc.average_precision(),
-            "dice_calibrated": dice(pred, lesion_in_brain),
+            "dice_calibrated": dice_at_threshold(score, label, threshold, brain),
         })
         _logger.info("[%d/%d] %s: AUPRC %.4f, Dice@%.2f%% %.4f", i + 1, len(inputs.images), img.name,
                      per_volume[-1]["auprc"], squash, per_volume[-1]["dice_calibrated"])
-        del data, label, score, rec, pred
+        del data, label, score, rec
 
     best_dice, best_threshold = brain_acc.best_dice()
     if math.isfinite(best_threshold):
@@ -235,8 +238,7 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
         data = _load(path)
         score, rec = score_volume(data, None, path)
         brain = np.asarray(rec.brain, bool)
-        fp_healthy[0] += int(np.count_nonzero((score > threshold) & brain))
-        fp_healthy[1] += int(np.count_nonzero(brain))
+        fp_healthy = [a + b for a, b in zip(fp_healthy, false_positive_counts(score, threshold, brain))]
         healthy_ssim.append(ssim_slices(rec.normalised, rec.reconstruction))
         del data, score, rec
 
@@ -327,17 +329,6 @@ def format_markdown(results: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(obj: Any) -> Any:
-    """nan/inf as null: strict JSON readers reject NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -351,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             device = select_device(args.device)
         except (ValueError, RuntimeError) as exc:
-            raise InputError(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
+            raise InputError(f"--device {args.device}: {error_line(exc)}") from None
         results = evaluate(model, meta, inputs, kernel=args.median_kernel, mode=args.median_mode,
                            squash=args.squash, n_bins=args.bins, device=device,
                            batch_size=args.batch_size)
@@ -360,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": name, "checkpoint": args.checkpoint, **results}
     title = f"{name}" + (f" ({Path(args.checkpoint).name})" if args.checkpoint else "")
     markdown = format_markdown(results, title)
-    for out, text in ((args.out_json, json.dumps(_json_safe(results), indent=1) + "\n"),
+    for out, text in ((args.out_json, json.dumps(jsonable(results), indent=1) + "\n"),
                       (args.out_md, markdown)):
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)

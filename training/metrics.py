@@ -266,11 +266,12 @@ def mean_std(values) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std()), int(v.size)
 
 
-def false_positive_rate(scores: np.ndarray, threshold: float, mask: np.ndarray | None = None) -> float:
-    """Voxel false-positive rate on a healthy volume: fraction of (masked) voxels ``> threshold``.
+def false_positive_counts(scores: np.ndarray, threshold: float,
+                          mask: np.ndarray | None = None) -> tuple[int, int]:
+    """``(voxels > threshold, voxels)`` among the (masked) voxels of a lesion-free region.
 
-    For several volumes pool the voxels (e.g. `BinnedScores` with all-zero labels) rather than
-    averaging the rates.
+    Sum the pairs over volumes and divide once: pooling voxels, rather than averaging per-volume
+    rates, weighs every voxel alike.
     """
     scores = np.asarray(scores)
     if mask is not None:
@@ -278,9 +279,13 @@ def false_positive_rate(scores: np.ndarray, threshold: float, mask: np.ndarray |
         if mask.shape != scores.shape:
             raise ValueError(f"mask shape {mask.shape} doesn't match scores shape {scores.shape}")
         scores = scores[mask]
-    if scores.size == 0:
-        return float("nan")
-    return float(np.count_nonzero(scores > threshold) / scores.size)
+    return int(np.count_nonzero(scores > threshold)), int(scores.size)
+
+
+def false_positive_rate(scores: np.ndarray, threshold: float, mask: np.ndarray | None = None) -> float:
+    """Voxel false-positive rate on a healthy volume: fraction of (masked) voxels ``> threshold``."""
+    fp, n = false_positive_counts(scores, threshold, mask)
+    return fp / n if n else float("nan")
 
 
 def slice_dice_smoothed(pred: np.ndarray, label: np.ndarray, axis: int = 0, smooth: float = 1.0) -> np.ndarray:

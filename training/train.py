@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_tae._atomic import atomic_path
+from napari_tae.io import error_line
+from napari_tae.options import MEDIAN_MODES, check_median_kernel
 from training.data import (InputError, SliceDataset, collate_batch, fit_volume_norm, iter_batches,
                            load_slices, norm_settings, pair_by_name, resolve_volumes, split_by_volume)
 
@@ -136,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-interval", type=int, default=10,
                        help="steps between loss checks / progress updates")
     group.add_argument("--calib-kernel", type=int, default=5, help="median kernel for calibration")
-    group.add_argument("--calib-mode", choices=("2d", "3d"), default="2d")
+    group.add_argument("--calib-mode", choices=MEDIAN_MODES, default="2d")
     return parser
 
 
@@ -153,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
             with open(known.config) as fh:
                 cfg = yaml.safe_load(fh) or {}
         except (OSError, yaml.YAMLError) as exc:
-            parser.error(f"--config {known.config}: {exc}".splitlines()[0])
+            parser.error(f"--config {known.config}: {error_line(exc)}")
         if not isinstance(cfg, dict):
             parser.error(f"--config {known.config}: expected a mapping of option: value")
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
@@ -216,7 +218,7 @@ def _select_device(preference: str) -> torch.device:
     try:
         return select_device(preference)
     except (ValueError, RuntimeError) as exc:
-        raise InputError(f"--device {preference}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"--device {preference}: {error_line(exc)}") from None
 
 
 def setup_distributed(device_pref: str) -> DistInfo:
@@ -573,6 +575,10 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.upper_percentile is not None and not 50 < args.upper_percentile <= 100:
         raise InputError(f"--upper-percentile must be in (50, 100], got {args.upper_percentile}")
+    try:
+        check_median_kernel(args.calib_kernel)
+    except ValueError as exc:
+        raise InputError(f"--calib-kernel: {exc}") from None
     if not 0 <= args.min_brain_fraction < 1:
         raise InputError(f"--min-brain-fraction must be in [0, 1), got {args.min_brain_fraction}")
     if not args.lr > 0:  # also rejects NaN (an infinite lr is allowed: it stops at the NaN check)
@@ -610,7 +616,7 @@ def _build(args: argparse.Namespace) -> nn.Module:
     try:
         model = build_model(args.model, **model_overrides(args))
     except (TypeError, ValueError) as exc:
-        raise InputError(f"--model {args.model}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"--model {args.model}: {error_line(exc)}") from None
     if not any(p.requires_grad for p in model.parameters()):
         raise InputError(f"--model {args.model}: has no trainable parameters (nothing to train)")
     return model

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Literal, Sequence, Type
+from typing import Callable, Literal, Sequence, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention, DropPath, Mlp, trunc_normal_
+from timm.layers import Attention, DropPath, Mlp
 
 __all__ = [
     "patchify",

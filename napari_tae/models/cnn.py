@@ -13,7 +13,6 @@ configurable) and decodes the posterior mean at inference; the output layer has 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from functools import partial
 from typing import Any
 
@@ -25,8 +24,6 @@ from .blocks import ConvAE, ConvDecoder, ConvEncoder, VectorQuantizer
 from ._registry import register_model
 
 __all__ = ["ConvAEConfig", "VAEConfig", "VQVAEConfig", "ConvAutoencoder", "VAE", "VQVAE"]
-
-_logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass

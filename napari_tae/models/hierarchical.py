@@ -20,7 +20,6 @@ divisible by 2^(stages-1) works. Decoder blocks are self-attention blocks (the r
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
@@ -34,8 +33,6 @@ from .blocks import PatchExpand
 from ._registry import register_model
 
 __all__ = ["HTAEConfig", "HierarchicalTAE"]
-
-_logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -191,10 +188,6 @@ class HierarchicalTAE(ReconstructionModel):
         self.check_input(x)
         feats = self._encode(x)
         return self.forward_decoder(feats[-1].flatten(1, 2), feats if self.skip else None)
-
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"relative_position_bias_table"}
-
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return dict(img_size=256, in_chans=1, **kwargs)

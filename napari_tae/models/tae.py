@@ -19,7 +19,6 @@ and an exact un-patchify for every patch size.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from functools import partial
 from typing import Any
 
@@ -33,8 +32,6 @@ from .blocks import ConvAE, DecoderBlock, Unpatchify
 from ._registry import register_model
 
 __all__ = ["TAEConfig", "TransformerAE"]
-
-_logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -161,10 +158,6 @@ class TransformerAE(ReconstructionModel):
             x = blk(x, memory)
         x = self.head(self.dec_norm(x))
         return self.unpatchify(x)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "dec_pos_embed", "repatch_pos_embed"}
-
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return dict(img_size=256, in_chans=1, **kwargs)

@@ -47,6 +47,8 @@ from napari_tae.plugin.review import (
     lesion_features,
     lesion_rows,
 )
+from napari_tae.io import error_line
+from napari_tae.options import DEVICE_CHOICES
 from napari_tae.settings import load_settings, save_settings
 
 if TYPE_CHECKING:
@@ -59,7 +61,6 @@ SOURCE_KEY = "napari_tae_source"     # layer.metadata: name of the input layer i
 _BROWSE = "Browse..."
 #: Squash slider range in percent of the intensity range; widened when a checkpoint calibrates higher.
 SQUASH_MAX = 20.0
-_KINDS = ("reconstruction", "residual", "anomaly mask")
 _TABLE_COLUMNS = ("#", "volume (mL)", "voxels", "max residual", "mean residual", "centroid (z, y, x)")
 NEXT_KEY, PREV_KEY = "n", "Shift-N"  # 'p' is napari's paint-mode key on Labels layers
 
@@ -118,7 +119,7 @@ class AnomalyWidget(QWidget):
         self.mask_combo = QComboBox()
         self.model_combo = QComboBox()
         self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cuda", "mps", "cpu"])
+        self.device_combo.addItems(list(DEVICE_CHOICES))
         self.device_combo.setCurrentText(s.device)
         self.device_label = QLabel()
         self.device_label.setWordWrap(True)
@@ -267,9 +268,7 @@ class AnomalyWidget(QWidget):
         try:
             read_metadata(path)
         except Exception as exc:  # any unreadable file: report it, never crash the viewer
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            msg = text if os.fspath(path) in text else f"{path}: {text}"
-            self._error(f"Cannot use checkpoint: {msg}")
+            self._error(f"Cannot use checkpoint: {error_line(exc, path)}")
             return False
         path = os.path.abspath(path)
         self.settings.add_recent(path)

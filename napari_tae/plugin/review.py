@@ -20,6 +20,7 @@ import numpy as np
 
 from napari_tae._atomic import write_text_atomic
 from napari_tae.export import ExportError, export_paths, provenance_record, write_lesion_csv
+from napari_tae.io import same_file
 from napari_tae.postprocess import anomaly_mask, label_lesions, lesion_table, ml_to_voxels, slice_mask
 
 __all__ = [
@@ -53,10 +54,6 @@ class Generation:
     def invalidate(self) -> None:
         """Make every outstanding tag stale (e.g. the result's layer was removed)."""
         self._value += 1
-
-    @property
-    def current(self) -> int:
-        return self._value
 
     def is_current(self, tag: int) -> bool:
         return tag == self._value
@@ -350,9 +347,7 @@ def export_results(
     sources = [p for p in (input_file, getattr(state.geometry, "source_path", None)) if p]
     for p in paths.values():
         for src in sources:
-            if os.path.exists(src) and p.exists() and os.path.samefile(p, src):
-                raise ExportError(f"{p}: refusing to write over the input volume")
-            if os.path.abspath(p) == os.path.abspath(src):
+            if same_file(p, src):
                 raise ExportError(f"{p}: refusing to write over the input volume")
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:

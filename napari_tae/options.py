@@ -1,0 +1,25 @@
+"""Option vocabularies shared by the CLI, the widget, the settings file, training and evaluation.
+
+One definition each, so that a value accepted in one place is accepted everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DEVICE_CHOICES", "MEDIAN_MODES", "check_median_kernel"]
+
+#: ``auto`` takes CUDA, then Apple MPS, then the CPU (``inference.select_device``)
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+#: median filter per axial slice or over the volume (``postprocess.median_filtered``)
+MEDIAN_MODES = ("2d", "3d")
+
+
+def check_median_kernel(kernel: Any) -> int:
+    """The median kernel as an int; ValueError unless it is an odd integer >= 1 (1 = off)."""
+    if isinstance(kernel, bool) or not isinstance(kernel, int) and not hasattr(kernel, "__index__"):
+        raise ValueError(f"median kernel must be an odd integer >= 1, got {kernel!r}")
+    kernel = int(kernel)
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"median kernel must be an odd integer >= 1, got {kernel}")
+    return kernel
