@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from napari_tae.models import build_model, count_parameters, list_models  # noqa: E402
 from training.data import SliceDataset  # noqa: E402
-from training.train import _TrainForward, amp_setup, train_one_epoch  # noqa: E402
+from training.train import Runtime, _TrainForward, amp_setup, train_one_epoch  # noqa: E402
 
 PAPER_SLICES = 16_896
 
@@ -45,10 +45,10 @@ def bench_model(name: str, device: torch.device, *, batch_size: int, steps: int,
     if device.type == "cuda":  # as in training: the slice store lives on the GPU when it fits
         dataset = dataset.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.999))
-    amp_ctx, scaler = amp_setup(device, amp)
+    runtime = Runtime.single(device)
+    runtime.amp_ctx, runtime.scaler = amp_setup(device, amp)
     step = _TrainForward(model)
-    kwargs = dict(optimizer=optimizer, batch_size=batch_size, device=device, amp_ctx=amp_ctx,
-                  scaler=scaler, log_interval=10**9)
+    kwargs = dict(optimizer=optimizer, batch_size=batch_size, runtime=runtime, log_interval=10**9)
     train_one_epoch(step, dataset, epoch=0, max_steps=warmup, **kwargs)  # allocator, cudnn autotune
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

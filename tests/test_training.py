@@ -425,11 +425,13 @@ def test_denoising_loss_compares_with_the_clean_slice(std: float, blobs: float):
     slices[:, 4:28, 4:28] = 0.5
     model = _Identity()
     torch.manual_seed(0)
+    noise = train_mod.NoiseConfig(std, 8, blobs)
+    runtime = train_mod.Runtime.single("cpu")
     metrics = train_mod.train_one_epoch(
         train_mod._TrainForward(model), SliceDataset(slices), optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        batch_size=4, epoch=0, device=torch.device("cpu"), input_noise=std, noise_res=8, noise_blobs=blobs)
-    val = [train_mod.validate(model, SliceDataset(slices), batch_size=4, device=torch.device("cpu"),
-                              input_noise=std, noise_res=8, noise_blobs=blobs, seed=seed)["val_loss"]
+        batch_size=4, epoch=0, runtime=runtime, noise=noise)
+    val = [train_mod.validate(model, SliceDataset(slices), batch_size=4, runtime=runtime, noise=noise,
+                              seed=seed)["val_loss"]
            for seed in (0, 0, 1)]
     if std == blobs == 0:
         assert metrics["train_loss"] == 0.0 and val == [0.0, 0.0, 0.0]

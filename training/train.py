@@ -321,12 +321,57 @@ def epoch_lr(base_lr: float, epoch: int, epochs: int, sched: str = "constant") -
     return base_lr
 
 
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The denoising objective (:func:`coarse_noise`); all zero is the paper's plain autoencoder.
+
+    ``std``: smooth noise drawn on a ``res`` x ``res`` grid; ``blob_std``: sharp-edged blobs.
+    """
+
+    std: float = 0.0
+    res: int = 16
+    blob_std: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NoiseConfig:
+        return cls(args.input_noise, args.noise_res, args.noise_blobs)
+
+    @property
+    def enabled(self) -> bool:
+        return self.std > 0 or self.blob_std > 0
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return coarse_noise(x, self.std, self.res, generator, blob_std=self.blob_std)
+
+    def to_meta(self) -> dict[str, Any] | None:
+        """``training["input_noise"]`` in the checkpoint and the resume state; None: plain."""
+        if not self.enabled:
+            return None
+        settings: dict[str, Any] = {"kind": "coarse_gaussian", "std": self.std, "res": self.res}
+        if self.blob_std > 0:
+            settings["blobs"] = {"std": self.blob_std, "level": BLOB_LEVEL, "offset_res": BLOB_OFFSET_RES}
+        return settings
+
+
+@dataclass
+class Runtime:
+    """Where the steps run: device, process group, autocast context and (float16) loss scaler."""
+
+    device: torch.device
+    dist_info: DistInfo
+    amp_ctx: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> Runtime:
+        """One process on ``device``, no autocast."""
+        device = torch.device(device)
+        return cls(device, DistInfo(device=device))
+
+
 def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch.optim.Optimizer,
-                    batch_size: int, epoch: int, device: torch.device, seed: int = 0,
-                    input_noise: float = 0.0, noise_res: int = 16, noise_blobs: float = 0.0,
-                    amp_ctx: contextlib.AbstractContextManager | None = None,
-                    scaler: torch.amp.GradScaler | None = None, dist_info: DistInfo | None = None,
-                    num_workers: int = 0, log_interval: int = 10,
+                    batch_size: int, epoch: int, runtime: Runtime, noise: NoiseConfig = NoiseConfig(),
+                    seed: int = 0, num_workers: int = 0, log_interval: int = 10,
                     max_steps: int | None = None) -> dict[str, float]:
     """One pass over this process's share of ``dataset``; returns mean losses and throughput.
 
@@ -335,15 +380,13 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
             ``forward_train`` wrapper, possibly inside DDP).
         epoch: seeds the shuffle (``DistributedSampler.set_epoch``), so a resumed run sees the
             same order as an uninterrupted one.
-        input_noise: std of the :func:`coarse_noise` added to the input (0 = plain
-            autoencoder); the loss always compares with the clean slice.
-        noise_blobs: std of :func:`coarse_noise`'s sharp-edged blobs (0 = none).
+        noise: added to the input (denoising training); the loss always compares with the clean
+            slice.
 
     Raises:
         NonFiniteLossError: the (all-reduced) running loss is NaN or infinite.
     """
-    dist_info = dist_info or DistInfo(device=device)
-    amp_ctx = amp_ctx or contextlib.nullcontext()
+    device, dist_info, scaler = runtime.device, runtime.dist_info, runtime.scaler
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
@@ -371,9 +414,8 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
             break
         x = x.to(device, non_blocking=True).float()
         data_time += time.perf_counter() - t_data
-        x_in = coarse_noise(x, input_noise, noise_res, blob_std=noise_blobs)
-        with amp_ctx:
-            recon, extra = model(x_in)
+        with runtime.amp_ctx:
+            recon, extra = model(noise.apply(x))
             loss = F.l1_loss(recon.float(), x)
             for value in extra.values():
                 loss = loss + value.float()
@@ -424,10 +466,8 @@ def train_one_epoch(model: nn.Module, dataset: SliceDataset, *, optimizer: torch
 
 
 @torch.no_grad()
-def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, device: torch.device,
-             amp_ctx: contextlib.AbstractContextManager | None = None,
-             dist_info: DistInfo | None = None, input_noise: float = 0.0, noise_res: int = 16,
-             noise_blobs: float = 0.0, seed: int = 0) -> dict[str, float]:
+def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, runtime: Runtime,
+             noise: NoiseConfig = NoiseConfig(), seed: int = 0) -> dict[str, float]:
     """Mean per-slice MAE of ``model`` (eval mode, plain ``forward``) over ``dataset``.
 
     Each rank takes every ``world_size``-th slice and the sums are all-reduced, so the value is
@@ -435,8 +475,7 @@ def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, device
     :func:`coarse_noise` drawn from ``seed`` (the same noise every epoch) and the clean slices are
     the target: the training objective, so the best epoch is the best denoiser, not the best copier.
     """
-    dist_info = dist_info or DistInfo(device=device)
-    amp_ctx = amp_ctx or contextlib.nullcontext()
+    device, dist_info = runtime.device, runtime.dist_info
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)
@@ -444,9 +483,8 @@ def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, device
     generator = torch.Generator().manual_seed(seed + dist_info.rank)
     for x in iter_batches(dataset, indices, batch_size):
         x = x.to(device, non_blocking=True).float()
-        x_in = coarse_noise(x, input_noise, noise_res, generator, blob_std=noise_blobs)
-        with amp_ctx:
-            recon = model(x_in)
+        with runtime.amp_ctx:
+            recon = model(noise.apply(x, generator))
         sums[0] += (recon.float() - x).abs().mean(dim=(1, 2, 3)).sum().double()
         sums[1] += x.shape[0]
     if dist_info.enabled:
@@ -622,18 +660,6 @@ def _build(args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def noise_settings(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The denoising objective (``training["input_noise"]`` in the checkpoint); None: plain."""
-    if not (args.input_noise > 0 or args.noise_blobs > 0):
-        return None
-    settings: dict[str, Any] = {"kind": "coarse_gaussian", "std": args.input_noise,
-                                "res": args.noise_res}
-    if args.noise_blobs > 0:
-        settings["blobs"] = {"std": args.noise_blobs, "level": BLOB_LEVEL,
-                             "offset_res": BLOB_OFFSET_RES}
-    return settings
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 bad input, 1 training failure, 130 interrupted)."""
     parser, args = parse_args(argv)
@@ -665,6 +691,196 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclass
+class TrainingState:
+    """What a run carries from epoch to epoch, and what ``--resume`` restores.
+
+    The resume file also names the model, its config and the noise objective, so that a state is
+    never continued with another model or objective (its best model was picked by validation loss
+    on that objective).
+    """
+
+    start_epoch: int = 0
+    best_val: float = math.inf
+    best_epoch: int = -1
+    best_model: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def resume(cls, path: Path, *, model_name: str, config_json: str, noise_json: str, model: nn.Module,
+               optimizer: torch.optim.Optimizer, runtime: Runtime) -> TrainingState:
+        """Load ``path`` into ``model``/``optimizer``/scaler and the RNG streams; InputError if it
+        belongs to another model, config or noise objective."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("model_name") != model_name or state.get("config") != config_json:
+            raise InputError(f"--resume {path}: state is for model {state.get('model_name')} "
+                             f"{state.get('config')}, not {model_name} {config_json}")
+        if state.get("noise", noise_json) != noise_json:
+            raise InputError(f"--resume {path}: state was trained with input noise "
+                             f"{state['noise']}, this run asks for {noise_json}; pass the same noise "
+                             "options or start a new run")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if runtime.scaler is not None and state.get("scaler"):
+            runtime.scaler.load_state_dict(state["scaler"])
+        _restore_rng(state["rng"], runtime.dist_info)
+        resumed = cls(state["epoch"], state["best_val"], state["best_epoch"], state.get("best_model"),
+                      list(state.get("history", [])))
+        if runtime.dist_info.is_main:
+            _logger.info("resumed from %s after epoch %d (best val %.5f at epoch %d)",
+                         path, resumed.start_epoch, resumed.best_val, resumed.best_epoch + 1)
+        return resumed
+
+    def save(self, path: Path, *, epoch: int, model_name: str, config_json: str, noise_json: str,
+             model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
+             rng: dict[str, Any]) -> None:
+        """Write the state after ``epoch`` (0-based) atomically: an interrupted save leaves the old."""
+        _atomic_torch_save({
+            "format": STATE_FORMAT, "model_name": model_name, "config": config_json, "noise": noise_json,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": runtime.scaler.state_dict() if runtime.scaler is not None else {},
+            "epoch": epoch + 1, "best_val": self.best_val, "best_epoch": self.best_epoch,
+            "best_model": self.best_model, "history": self.history, "rng": rng,
+        }, path)
+
+
+def _run_identity(model: nn.Module, noise: NoiseConfig) -> tuple[str, str]:
+    """The model config and noise objective as the JSON strings a resume state is checked against."""
+    return (json.dumps(model.config_dict(), sort_keys=True, default=str),
+            json.dumps(noise.to_meta(), sort_keys=True))
+
+
+def _configure_backends(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _load_datasets(args: argparse.Namespace, inputs: _Inputs, img_size: int, norm: dict[str, float],
+                   runtime: Runtime) -> tuple[SliceDataset, SliceDataset]:
+    """Training and validation slices through the shared preprocessing, on the GPU when they fit."""
+    if runtime.dist_info.is_main:
+        _logger.info("loading %d training and %d validation volumes at %d x %d",
+                     len(inputs.train), len(inputs.val), img_size, img_size)
+    train_set = load_slices(inputs.train, img_size, min_brain_fraction=args.min_brain_fraction,
+                            lesion_masks=inputs.train_lesions, norm=norm)
+    val_set = load_slices(inputs.val, img_size, min_brain_fraction=args.min_brain_fraction,
+                          lesion_masks=inputs.val_lesions, norm=norm)
+    if runtime.dist_info.is_main:
+        _logger.info("%d training slices (%.0f MiB), %d validation slices", len(train_set),
+                     train_set.slices.numel() * 2 / 2**20, len(val_set))
+    device = runtime.device
+    if device.type == "cuda" and args.num_workers == 0:
+        free, _ = torch.cuda.mem_get_info(device)
+        nbytes = (train_set.slices.numel() + val_set.slices.numel()) * 2
+        if nbytes < 0.25 * free:  # the whole set on the GPU: batches never wait for the host
+            train_set, val_set = train_set.to(device), val_set.to(device)
+    return train_set, val_set
+
+
+def _fit(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
+         train_set: SliceDataset, val_set: SliceDataset, runtime: Runtime, noise: NoiseConfig,
+         state: TrainingState, state_path: Path, log_dir: Path) -> None:
+    """The epochs from ``state.start_epoch`` to ``--epochs``: train, validate, keep the best, save."""
+    dist_info = runtime.dist_info
+    config_json, noise_json = _run_identity(model, noise)
+    train_model: nn.Module = _TrainForward(model)
+    if dist_info.enabled:
+        device = runtime.device
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = None
+    if dist_info.is_main:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        _write_args(log_dir / "args.yaml", args)
+        writer = _tensorboard(log_dir)
+
+    for epoch in range(state.start_epoch, args.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(args.lr, epoch, args.epochs, args.sched)
+        metrics = train_one_epoch(train_model, train_set, optimizer=optimizer, batch_size=args.batch_size,
+                                  epoch=epoch, runtime=runtime, noise=noise, seed=args.seed,
+                                  num_workers=args.num_workers, log_interval=args.log_interval)
+        metrics.update(validate(model, val_set, batch_size=args.batch_size, runtime=runtime, noise=noise,
+                                seed=args.seed))
+        improved = metrics["val_loss"] < state.best_val
+        if improved:
+            state.best_val, state.best_epoch = metrics["val_loss"], epoch
+            if dist_info.is_main:
+                state.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        state.history.append({"epoch": epoch + 1, **metrics, "lr": optimizer.param_groups[0]["lr"],
+                              "best": int(improved)})
+        rng = _gather_rng(dist_info)  # collective: every rank takes part
+        if dist_info.is_main:
+            _logger.info("epoch %d/%d train %.5f val %.5f%s (%.1f slices/s)", epoch + 1, args.epochs,
+                         metrics["train_loss"], metrics["val_loss"], " *" if improved else "",
+                         metrics["slices_per_s"])
+            state.save(state_path, epoch=epoch, model_name=args.model, config_json=config_json,
+                       noise_json=noise_json, model=model, optimizer=optimizer, runtime=runtime, rng=rng)
+            _write_csv(log_dir / "metrics.csv", state.history)
+            if writer is not None:
+                for key, value in metrics.items():
+                    writer.add_scalar(key, value, epoch + 1)
+        if dist_info.enabled:
+            dist.barrier()
+    if writer is not None:
+        writer.close()
+
+
+def _ship_best(model: nn.Module, state: TrainingState, dist_info: DistInfo) -> None:
+    """Load the best validation weights (not the last epoch's) on every rank."""
+    if dist_info.is_main and state.best_model is not None:
+        model.load_state_dict(state.best_model)
+    if dist_info.enabled:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    model.eval()
+
+
+def _save_calibrated(args: argparse.Namespace, model: nn.Module, inputs: _Inputs, state: TrainingState,
+                     norm: dict[str, float], datasets: tuple[SliceDataset, SliceDataset],
+                     runtime: Runtime, noise: NoiseConfig) -> None:
+    """Calibrate the label-free threshold on the healthy validation volumes and save the checkpoint."""
+    from napari_tae.checkpoint import save_checkpoint
+
+    train_set, val_set = datasets
+    _logger.info("calibrating on %d healthy validation volume(s)", len(inputs.val))
+    calibration = calibrate_model(model, inputs.val, lesion_masks=inputs.val_lesions, device=runtime.device,
+                                  kernel=args.calib_kernel, mode=args.calib_mode, norm=norm,
+                                  batch_size=args.batch_size)
+    preprocessing = {"normalisation": "per_volume", **norm, "img_size": int(model.img_size),
+                     "slice_axis": "axial", "brain_mask": "non_background",
+                     "min_brain_fraction": args.min_brain_fraction}
+    history = state.history
+    training = {
+        "epochs": len(history), "best_epoch": state.best_epoch + 1, "best_val_loss": state.best_val,
+        "loss": "mae" + "".join(f"+{k[len('train_'):]}" for k in history[-1]
+                                if k.startswith("train_") and k != "train_loss"),
+        "optimizer": "adam(0.9,0.999)", "lr": args.lr, "lr_schedule": args.sched,
+        "batch_size": args.batch_size,
+        "world_size": runtime.dist_info.world_size, "seed": args.seed, "deterministic": args.deterministic,
+        "train_volumes": len(inputs.train), "val_volumes": len(inputs.val),
+        "train_slices": len(train_set), "val_slices": len(val_set),
+        "excluded_lesion_slices": sum(v.excluded_lesion for v in train_set.volumes + val_set.volumes),
+        "calibration_kernel": args.calib_kernel, "calibration_mode": args.calib_mode,
+    }
+    if noise.enabled:
+        training["input_noise"] = noise.to_meta()
+    if args.data_note:
+        training["data"] = args.data_note
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, model, preprocessing=preprocessing, calibration=calibration,
+                    training=training, overwrite=args.overwrite)
+    _logger.info("saved %s (best epoch %d, val %.5f, calibrated q99 = %.3f %%)", out,
+                 state.best_epoch + 1, state.best_val, calibration.get("p99", float("nan")))
+
+
 def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.Module:
     """Train, keep the best validation model, calibrate and save; returns the unwrapped model.
 
@@ -677,165 +893,28 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     out = Path(args.out)
     state_path = Path(args.resume) if args.resume not in (None, "auto") else resume_path_for(out)
     log_dir = Path(args.log_dir) if args.log_dir else out.with_name(_out_stem(out) + "_train")
-
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    _configure_backends(args.deterministic, device)
 
     # same seed everywhere so every rank builds the same initial model (DDP also broadcasts it)
     torch.manual_seed(args.seed)
     model = _build(args)
-    img_size = int(model.img_size)
-
-    if dist_info.is_main:
-        _logger.info("loading %d training and %d validation volumes at %d x %d",
-                     len(inputs.train), len(inputs.val), img_size, img_size)
     norm = norm_settings(args.upper_percentile)
-    train_set = load_slices(inputs.train, img_size, min_brain_fraction=args.min_brain_fraction,
-                            lesion_masks=inputs.train_lesions, norm=norm)
-    val_set = load_slices(inputs.val, img_size, min_brain_fraction=args.min_brain_fraction,
-                          lesion_masks=inputs.val_lesions, norm=norm)
-    if dist_info.is_main:
-        _logger.info("%d training slices (%.0f MiB), %d validation slices", len(train_set),
-                     train_set.slices.numel() * 2 / 2**20, len(val_set))
-    if device.type == "cuda" and args.num_workers == 0:
-        free, _ = torch.cuda.mem_get_info(device)
-        nbytes = (train_set.slices.numel() + val_set.slices.numel()) * 2
-        if nbytes < 0.25 * free:  # the whole set on the GPU: batches never wait for the host
-            train_set, val_set = train_set.to(device), val_set.to(device)
-
+    runtime = Runtime(device, dist_info)
+    datasets = _load_datasets(args, inputs, int(model.img_size), norm, runtime)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    amp_ctx, scaler = amp_setup(device, args.amp)
-
-    start_epoch, best_val, best_epoch = 0, math.inf, -1
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, float]] = []
-    config_json = json.dumps(model.config_dict(), sort_keys=True, default=str)
-    noise = noise_settings(args)
-    noise_json = json.dumps(noise, sort_keys=True)
+    runtime.amp_ctx, runtime.scaler = amp_setup(device, args.amp)
+    noise = NoiseConfig.from_args(args)
+    state = TrainingState()
     if args.resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("model_name") != args.model or state.get("config") != config_json:
-            raise InputError(f"--resume {state_path}: state is for model {state.get('model_name')} "
-                             f"{state.get('config')}, not {args.model} {config_json}")
-        # the best model so far was picked by validation loss on the state's objective: a loss on
-        # another noise would not compare, and the file shipped could be the old objective's
-        if state.get("noise", noise_json) != noise_json:
-            raise InputError(f"--resume {state_path}: state was trained with input noise "
-                             f"{state['noise']}, this run asks for {noise_json}; pass the same noise "
-                             "options or start a new run")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, best_val, best_epoch = state["epoch"], state["best_val"], state["best_epoch"]
-        best_state = state.get("best_model")
-        history = list(state.get("history", []))
-        _restore_rng(state["rng"], dist_info)
-        if dist_info.is_main:
-            _logger.info("resumed from %s after epoch %d (best val %.5f at epoch %d)",
-                         state_path, start_epoch, best_val, best_epoch + 1)
-        del state
+        config_json, noise_json = _run_identity(model, noise)
+        state = TrainingState.resume(state_path, model_name=args.model, config_json=config_json,
+                                     noise_json=noise_json, model=model, optimizer=optimizer, runtime=runtime)
 
-    train_model: nn.Module = _TrainForward(model)
-    if dist_info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    writer = None
+    _fit(args, model, optimizer, *datasets, runtime, noise, state, state_path, log_dir)
+    _ship_best(model, state, dist_info)
     if dist_info.is_main:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        _write_args(log_dir / "args.yaml", args)
-        writer = _tensorboard(log_dir)
-
-    for epoch in range(start_epoch, args.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = epoch_lr(args.lr, epoch, args.epochs, args.sched)
-        metrics = train_one_epoch(train_model, train_set, optimizer=optimizer,
-                                  batch_size=args.batch_size, epoch=epoch, device=device,
-                                  seed=args.seed, input_noise=args.input_noise,
-                                  noise_res=args.noise_res, noise_blobs=args.noise_blobs,
-                                  amp_ctx=amp_ctx, scaler=scaler,
-                                  dist_info=dist_info, num_workers=args.num_workers,
-                                  log_interval=args.log_interval)
-        metrics.update(validate(model, val_set, batch_size=args.batch_size, device=device,
-                                amp_ctx=amp_ctx, dist_info=dist_info, input_noise=args.input_noise,
-                                noise_res=args.noise_res, noise_blobs=args.noise_blobs,
-                                seed=args.seed))
-        improved = metrics["val_loss"] < best_val
-        if improved:
-            best_val, best_epoch = metrics["val_loss"], epoch
-            if dist_info.is_main:
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        row = {"epoch": epoch + 1, **metrics, "lr": optimizer.param_groups[0]["lr"], "best": int(improved)}
-        history.append(row)
-        rng = _gather_rng(dist_info)  # collective: every rank takes part
-        if dist_info.is_main:
-            _logger.info("epoch %d/%d train %.5f val %.5f%s (%.1f slices/s)", epoch + 1, args.epochs,
-                         metrics["train_loss"], metrics["val_loss"], " *" if improved else "",
-                         metrics["slices_per_s"])
-            _atomic_torch_save({
-                "format": STATE_FORMAT, "model_name": args.model, "config": config_json,
-                "noise": noise_json,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "epoch": epoch + 1, "best_val": best_val, "best_epoch": best_epoch,
-                "best_model": best_state, "history": history, "rng": rng,
-            }, state_path)
-            _write_csv(log_dir / "metrics.csv", history)
-            if writer is not None:
-                for key, value in metrics.items():
-                    writer.add_scalar(key, value, epoch + 1)
-        if dist_info.enabled:
-            dist.barrier()
-    if writer is not None:
-        writer.close()
-
-    # ship the best validation model, not the last one
-    if dist_info.is_main and best_state is not None:
-        model.load_state_dict(best_state)
-    if dist_info.enabled:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
-    model.eval()
-
-    if dist_info.is_main:
-        _logger.info("calibrating on %d healthy validation volume(s)", len(inputs.val))
-        calibration = calibrate_model(model, inputs.val, lesion_masks=inputs.val_lesions,
-                                      device=device, kernel=args.calib_kernel, mode=args.calib_mode,
-                                      norm=norm, batch_size=args.batch_size)
-        preprocessing = {"normalisation": "per_volume", **norm, "img_size": img_size,
-                         "slice_axis": "axial", "brain_mask": "non_background",
-                         "min_brain_fraction": args.min_brain_fraction}
-        training = {
-            "epochs": len(history), "best_epoch": best_epoch + 1, "best_val_loss": best_val,
-            "loss": "mae" + "".join(f"+{k[len('train_'):]}" for k in history[-1]
-                                    if k.startswith("train_") and k != "train_loss"),
-            "optimizer": "adam(0.9,0.999)", "lr": args.lr, "lr_schedule": args.sched,
-            "batch_size": args.batch_size,
-            "world_size": dist_info.world_size, "seed": args.seed, "deterministic": args.deterministic,
-            "train_volumes": len(inputs.train), "val_volumes": len(inputs.val),
-            "train_slices": len(train_set), "val_slices": len(val_set),
-            "excluded_lesion_slices": sum(v.excluded_lesion for v in train_set.volumes + val_set.volumes),
-            "calibration_kernel": args.calib_kernel, "calibration_mode": args.calib_mode,
-        }
-        if noise is not None:
-            training["input_noise"] = noise
-        if args.data_note:
-            training["data"] = args.data_note
-        from napari_tae.checkpoint import save_checkpoint
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(out, model, preprocessing=preprocessing, calibration=calibration,
-                        training=training, overwrite=args.overwrite)
-        _logger.info("saved %s (best epoch %d, val %.5f, calibrated q99 = %.3f %%)", out,
-                     best_epoch + 1, best_val, calibration.get("p99", float("nan")))
+        _save_calibrated(args, model, inputs, state, norm, datasets, runtime, noise)
     if dist_info.enabled:
         dist.barrier()
     return model
