@@ -4,7 +4,7 @@ A FLAIR volume is loaded with nibabel, reoriented to the closest canonical RAS o
 transposed so that napari's axes are ``(Z, Y, X) = (S, A, R)``: axial slices first, as the model
 (Ghorbel et al., BrainLes 2022) works on axial slices. :class:`Geometry` keeps the on-disk
 header, affine and shape so that :func:`save_volume` can undo the reorientation and write a mask
-on the original grid with the original qform/sform.
+on the original grid with the original qform/sform (rules: docs/geometry.md).
 
 No napari import in this module: it is shared by the plugin, the CLI and training.
 """

@@ -90,7 +90,7 @@ def test_default_model_auprc_beside_intensity(sample, default_result):
           f"{seg.settings['squash']:.2f}%, AUPRC {ap_model:.3f}; intensity baseline: AUPRC "
           f"{ap_base:.3f}, Dice {_dice(base.mask, truth):.3f} at squash 1%")
     assert math.isfinite(ap_model) and math.isfinite(ap_base)
-    # evaluation.md: a model that does not beat the FLAIR intensity has not learned normal anatomy
+    # docs/evaluation.md: a model that does not beat the FLAIR intensity has not learned normal anatomy
     assert ap_model > ap_base
     # the calibrated threshold keeps false positives bounded: no flood of the brain
     assert np.count_nonzero(seg.mask) < 0.05 * np.count_nonzero(seg.brain)

@@ -17,7 +17,7 @@ from napari_tae.models import (build_config, build_model, count_parameters, form
 
 NAMES = ["b_tae", "sc_tae", "dc_tae", "h_tae", "h_tae_s", "ae_dense", "ae_spatial", "vae", "vq_vae", "intensity"]
 
-# bottleneck shapes (batch excluded): paper Table 4 at 256 (h_tae: 4 stages give 64 tokens, see reference.md)
+# bottleneck shapes (batch excluded): paper Table 4 at 256 (h_tae: 4 stages give 64 tokens, see docs/models.md)
 BOTTLENECK_256 = {
     "b_tae": (256, 96), "sc_tae": (16, 16, 16), "dc_tae": (512,), "h_tae": (64, 768), "h_tae_s": (64, 768),
     "ae_dense": (512,), "ae_spatial": (16, 16, 16), "vae": (512,), "vq_vae": (16, 16, 16), "intensity": (0,),
@@ -342,7 +342,7 @@ def test_parameter_count_formulas_by_hand():
     b_tae = (256 * d + d) + 256 * d + 8 * (12 * d * d + 13 * d) + 2 * d \
         + 256 * d + 8 * (16 * d * d + 19 * d) + 2 * d + (d * 256 + 256)
     assert EXPECTED_PARAMS["b_tae"] == b_tae == 2_188_000
-    # ae_dense matches the authors' Keras model exactly (same layers): 5.56 M in reference.md
+    # ae_dense matches the authors' Keras model exactly (same layers): 5.56 M (docs/models.md)
     assert EXPECTED_PARAMS["ae_dense"] == 5_561_393
 
 

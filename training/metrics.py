@@ -1,4 +1,4 @@
-"""Evaluation metrics for unsupervised anomaly segmentation (see docs/evaluation.md).
+"""Evaluation metrics for unsupervised anomaly segmentation (protocol: docs/evaluation.md).
 
 Ghorbel et al., "Transformer based Models for Unsupervised Anomaly Segmentation in Brain MR
 Images", BrainLes 2022 (arXiv:2207.02059), report AUROC, AUPRC, [DSC] (Dice at the best global

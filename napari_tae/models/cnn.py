@@ -7,7 +7,7 @@ Images", BrainLes 2022 (arXiv:2207.02059): 5x5 stride-2 convs with 32/64/128/128
 LeakyReLU(0.3), a 1x1 conv to 16 channels (16x16x16 at 256 input), a dense or spatial bottleneck,
 and a mirrored decoder of transposed convs.
 
-Departures from the reference code (see docs/reference.md): the VAE includes its KL term (weight
+Departures from the reference code (docs/models.md): the VAE includes its KL term (weight
 configurable) and decodes the posterior mean at inference; the output layer has no activation.
 """
 from __future__ import annotations
@@ -188,7 +188,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     return dict(img_size=256, in_chans=1, **kwargs)
 
 
-# bottleneck: paper Table 4 at 256 input; reference_params: the authors' Keras models (reference.md)
+# bottleneck: paper Table 4 at 256 input; reference_params: the authors' Keras models (docs/models.md)
 default_cfgs = {
     "ae_dense": _cfg(bottleneck=(512,), reference_params=5.56e6),
     "ae_spatial": _cfg(bottleneck=(16, 16, 16), reference_params=1.36e6),

@@ -11,7 +11,7 @@ Anomaly Segmentation in Brain MR Images", BrainLes 2022 (arXiv:2207.02059).
   positions and becomes both the decoder's input stream and its cross-attention memory, so the CNN
   bottleneck ((512,) / (16, 16, 16)) is the only path from encoder to decoder. Width d = p*p.
 
-Our choices where the reference code differs (docs/reference.md): standard multi-head attention
+Our choices where the reference code differs (docs/models.md): standard multi-head attention
 (head width d/h, not d), pre-norm blocks (timm convention; stable at lr 1e-5 without warm-up),
 learned decoder positions added once to the decoder stream, the decoder MLP on the decoder stream,
 and an exact un-patchify for every patch size.
