@@ -20,15 +20,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.misc import is_dicom
 
 from napari_tae._atomic import atomic_path
 from napari_tae.io import MAX_AXIS, MAX_VOXELS, Geometry, Volume, VolumeError
+
+if TYPE_CHECKING:  # pydicom is imported where it is used: the CLI's --help stays instant
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "SEG_SUFFIX",
@@ -114,11 +114,15 @@ class DicomVolume(Volume):
 
 def dicom_files(folder: str | os.PathLike) -> list[Path]:
     """The DICOM files (Part 10, ``DICM`` magic) directly inside ``folder``, sorted by name."""
+    from pydicom.misc import is_dicom
+
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_dicom(p))
 
 
 def is_dicom_folder(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` is a folder directly holding at least one DICOM file."""
+    from pydicom.misc import is_dicom
+
     path = Path(folder)
     if not path.is_dir():
         return False
@@ -129,6 +133,9 @@ def is_dicom_folder(folder: str | os.PathLike) -> bool:
 
 
 def _read_header(path: Path) -> Dataset:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError) as exc:
@@ -146,10 +153,12 @@ def _is_image_plane(header: Dataset) -> bool:
 
 def _kind(header: Dataset) -> str:
     """What a non-image instance is, for the refusal message."""
+    from pydicom.uid import UID
+
     if int(header.get("NumberOfFrames", 1) or 1) > 1:
         return "multi-frame image (not supported: export the series as single-frame images)"
     sop = header.get("SOPClassUID", None)
-    return pydicom.uid.UID(str(sop)).name if sop else "object without SOP class"
+    return UID(str(sop)).name if sop else "object without SOP class"
 
 
 def list_series(folder: str | os.PathLike) -> list[DicomSeries]:

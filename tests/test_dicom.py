@@ -7,6 +7,7 @@ affine converted to LPS, and a file order and InstanceNumbers unrelated to the s
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -341,3 +342,174 @@ def test_real_raw_head_as_dicom_series(tmp_path):
     reference = load_volume(_nifti(tmp_path, values, cropped.affine))
     np.testing.assert_allclose(volume.geometry.ras_affine, reference.geometry.ras_affine, atol=1e-4)
     np.testing.assert_array_equal(volume.data, reference.data)
+
+
+# ------------------------------------------------------------------ napari reader
+def test_reader_contract_for_folders(tmp_path):
+    from napari_tae.plugin._reader import napari_get_reader, read_dicom
+
+    write_series(tmp_path / "dcm", _values(), LPS_AFFINE)
+    assert napari_get_reader(os.fspath(tmp_path / "dcm")) is read_dicom
+    nifti_only = tmp_path / "nifti"
+    nifti_only.mkdir()
+    _nifti(nifti_only, _values(), LPS_AFFINE)
+    assert napari_get_reader(os.fspath(nifti_only)) is None
+    assert napari_get_reader(os.fspath(tmp_path / "missing")) is None
+
+
+def test_reader_opens_one_layer_per_series(make_napari_viewer, tmp_path, monkeypatch):
+    from napari_tae.plugin._layers import GEOMETRY_KEY, RADIOLOGICAL_ORIENTATION
+    from napari_tae.plugin._reader import DICOM_KEY
+    from napari_tae.plugin._widget import AnomalyWidget
+    from napari_tae.settings import CONFIG_ENV
+
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
+    folder = tmp_path / "study"
+    flair = rescaled(_values(seed=1), 2.0, 5.0)
+    write_series(folder, flair, LPS_AFFINE, slope=2.0, intercept=5.0, series_number=4)
+    write_series(folder, _values((16, 16, 5), seed=2), _oblique_affine(), series_number=5,
+                 seed=4)  # same description: the names must still differ
+    write_series(folder, _values((16, 16, 5), seed=3), _oblique_affine(), description="T2 TSE",
+                 series_number=2, seed=5)
+    viewer = make_napari_viewer()
+    default_orientation = tuple(map(str, viewer.scene.camera.orientation))
+    layers = viewer.open(os.fspath(folder), plugin="napari-tae")
+    assert [layer.name for layer in layers] == ["T2 TSE", "AX FLAIR", "AX FLAIR (2)"]
+    assert all(layer.ndim == 3 and type(layer).__name__ == "Image" for layer in layers)
+    # the reader leaves the camera alone
+    assert tuple(map(str, viewer.scene.camera.orientation)) == default_orientation
+    reference = load_volume(_nifti(tmp_path, flair, LPS_AFFINE))
+    flair_layer = viewer.layers["AX FLAIR"]
+    np.testing.assert_allclose(flair_layer.data, reference.data)
+    np.testing.assert_allclose(flair_layer.scale, reference.geometry.spacing)
+    np.testing.assert_allclose(flair_layer.translate, reference.geometry.origin, atol=1e-4)
+    assert flair_layer.metadata[DICOM_KEY].number == 4
+    np.testing.assert_allclose(flair_layer.metadata[GEOMETRY_KEY].ras_affine,
+                               reference.geometry.ras_affine, atol=1e-4)
+    # the widget applies the radiological view where layers arrive
+    widget = AnomalyWidget(viewer, synchronous=True)
+    assert tuple(map(str, viewer.scene.camera.orientation)) == RADIOLOGICAL_ORIENTATION
+    viewer.scene.camera.orientation = default_orientation
+    viewer.open(os.fspath(folder), plugin="napari-tae")
+    assert tuple(map(str, viewer.scene.camera.orientation)) == RADIOLOGICAL_ORIENTATION
+    widget.cleanup()
+
+
+def test_reader_skips_a_broken_series_beside_a_good_one(tmp_path):
+    from napari_tae.plugin._reader import read_dicom
+
+    folder = tmp_path / "study"
+    write_series(folder, _values(), LPS_AFFINE)
+    localizer = write_series(folder, _values((8, 8, 3)), LPS_AFFINE, description="localizer",
+                             series_number=1, seed=2)
+    ds = pydicom.dcmread(localizer[1])
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.save_as(localizer[1])
+    with pytest.warns(UserWarning, match=r"skipped: .*study: series 'localizer' .*mixed slice"):
+        layers = read_dicom(os.fspath(folder))
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["AX FLAIR"]
+    for p in folder.iterdir():
+        if p not in localizer:
+            p.unlink()
+    with pytest.raises(VolumeError, match="localizer"):
+        read_dicom(os.fspath(folder))
+
+
+# ------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def flair_case(tmp_path_factory):
+    """A synthetic FLAIR with lesions, on a grid of 0.1 steps (uint16 with slope 0.1), as a
+    NIfTI file and as a DICOM series (LPS, 2.5 mm slices) beside a second series."""
+    from napari_tae.synthetic import add_anomalies, healthy_volume
+
+    root = tmp_path_factory.mktemp("cli")
+    data, affine = healthy_volume(3, shape=(40, 48, 14), spacing=(1.0, 1.0, 2.5))
+    data, _ = add_anomalies(data, 3, kinds=("ms", "tumour"), affine=affine)
+    lps_storage = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps_storage[:3, 3] = [39, 47, 0]
+    affine = affine @ lps_storage  # stored right-to-left, posterior-to-anterior, like scanners
+    values = np.round(np.clip(data[::-1, ::-1], 0, None) / 0.1) * 0.1
+    nifti = _nifti(root, values, affine, name="flair.nii.gz")
+    folder = root / "study"
+    write_series(folder, values, affine, slope=0.1, series_number=7)
+    write_series(folder, _values((16, 16, 5)), _oblique_affine(), description="T2 TSE",
+                 series_number=2, seed=5)
+    return {"nifti": nifti, "folder": folder, "affine": affine, "series": list_series(folder)}
+
+
+def test_cli_refuses_several_series_with_their_list(flair_case, tmp_path, capsys):
+    from napari_tae.cli import main
+
+    status = main(["segment", str(flair_case["folder"]), "-m", "intensity", "-o", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"{flair_case['folder']}: 2 image series; choose one with --series UID" in err
+    for s in flair_case["series"]:
+        assert s.uid in err and f"{s.n_slices:>4} slices" in err and s.description in err
+    assert list(tmp_path.iterdir()) == []  # nothing ran, not even the output folder
+    status = main(["segment", str(flair_case["folder"]), "--series", "1.2.3", "-m", "intensity",
+                   "-o", str(tmp_path)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"{flair_case['folder']}: no series 1.2.3; its series are:" in err
+    assert all(s.uid in err for s in flair_case["series"])
+    single = tmp_path / "single"
+    write_series(single, _values(), LPS_AFFINE)
+    assert main(["segment", str(single), "--series", "1.2.3", "-m", "intensity",
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "--series 1.2.3: no input DICOM folder holds this series" in capsys.readouterr().err
+
+
+def test_cli_segments_a_series_and_writes_its_seg(flair_case, tmp_path):
+    import highdicom as hd
+
+    from napari_tae.cli import OUTPUT_SUFFIXES, main
+    from napari_tae.dicom import SEG_SUFFIX
+
+    flair = next(s for s in flair_case["series"] if s.description == "AX FLAIR")
+    out = tmp_path / "out"
+    args = ["-q", "segment", "-m", "intensity", "-o", str(out), "--min-size", "2"]
+    assert main([*args, str(flair_case["folder"]), "--series", flair.uid]) == 0
+    assert main([*args, str(flair_case["nifti"])]) == 0
+    for suffix in (*OUTPUT_SUFFIXES, SEG_SUFFIX):
+        assert (out / f"AX_FLAIR{suffix}").is_file()
+    # the same scan as DICOM and as NIfTI: the same results, on the same grid
+    dicom_mask = nib.load(out / "AX_FLAIR_mask.nii.gz")
+    nifti_mask = nib.load(out / "flair_mask.nii.gz")
+    np.testing.assert_allclose(dicom_mask.affine, flair_case["affine"], atol=1e-4)
+    mask = np.asarray(dicom_mask.dataobj)
+    np.testing.assert_array_equal(mask, np.asarray(nifti_mask.dataobj))
+    assert 0 < mask.sum() < mask.size / 10
+    provenance = json.loads((out / "AX_FLAIR_provenance.json").read_text())
+    assert provenance["settings"]["dicom_series_uid"] == flair.uid
+    assert provenance["outputs"]["seg"].endswith("AX_FLAIR_mask.seg.dcm")
+    # the SEG: each frame references the source slice it lies on and holds its mask pixels
+    seg = hd.seg.segread(out / f"AX_FLAIR{SEG_SUFFIX}")
+    k_of = {h.SOPInstanceUID: int(round((float(h.ImagePositionPatient[2]) -
+                                          float(flair_case["affine"][2, 3])) / 2.5))
+            for h in flair.headers}
+    frames = seg.pixel_array.reshape(-1, 48, 40)
+    on_slices = []
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        uid = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = k_of[uid]
+        np.testing.assert_array_equal(frame, mask[:, :, k].T)
+        on_slices.append(k)
+    assert sorted(on_slices) == [k for k in range(mask.shape[2]) if mask[:, :, k].any()]
+    # again without --overwrite: refused before anything is computed
+    assert main([*args, str(flair_case["folder"]), "--series", flair.uid]) == 1
+
+
+def test_cli_dicom_folder_without_image_series_fails_by_name(flair_case, tmp_path, caplog):
+    from napari_tae.cli import main
+
+    report = tmp_path / "report"
+    report.mkdir()
+    _non_image(report / "SR1")
+    with caplog.at_level("ERROR", logger="napari_tae"):
+        status = main(["-q", "segment", str(report), str(flair_case["nifti"]), "-m", "intensity",
+                       "-o", str(tmp_path / "out")])
+    assert status == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(f"{report}: no image series, only non-image DICOM objects" in e for e in errors)
+    assert (tmp_path / "out" / "flair_provenance.json").is_file()
