@@ -155,10 +155,11 @@ def _kind(header: Dataset) -> str:
     """What a non-image instance is, for the refusal message."""
     from pydicom.uid import UID
 
-    if int(header.get("NumberOfFrames", 1) or 1) > 1:
-        return "multi-frame image (not supported: export the series as single-frame images)"
     sop = header.get("SOPClassUID", None)
-    return UID(str(sop)).name if sop else "object without SOP class"
+    name = UID(str(sop)).name if sop else "object without SOP class"
+    if int(header.get("NumberOfFrames", 1) or 1) > 1 and "Segmentation" not in name:
+        name += " (multi-frame images are not supported)"
+    return name
 
 
 def list_series(folder: str | os.PathLike) -> list[DicomSeries]:
