@@ -332,7 +332,7 @@ def test_seg_of_an_empty_mask(tmp_path):
 # ------------------------------------------------------------------ real raw head
 @pytest.mark.skipif(not RAW.exists(), reason="real raw heads not present")
 def test_real_raw_head_as_dicom_series(tmp_path):
-    source = sorted(RAW.glob("*.nii.gz"))[0]
+    source = min(RAW.glob("*.nii.gz"))
     img = nib.load(source)
     k0 = img.shape[2] // 2
     cropped = img.slicer[:, :, k0 - 3:k0 + 3]  # six slices keep the test fast
@@ -485,8 +485,8 @@ def test_cli_segments_a_series_and_writes_its_seg(flair_case, tmp_path):
     assert provenance["outputs"]["seg"].endswith("AX_FLAIR_mask.seg.dcm")
     # the SEG: each frame references the source slice it lies on and holds its mask pixels
     seg = hd.seg.segread(out / f"AX_FLAIR{SEG_SUFFIX}")
-    k_of = {h.SOPInstanceUID: int(round((float(h.ImagePositionPatient[2]) -
-                                          float(flair_case["affine"][2, 3])) / 2.5))
+    k_of = {h.SOPInstanceUID: round((float(h.ImagePositionPatient[2]) -
+                                      float(flair_case["affine"][2, 3])) / 2.5)
             for h in flair.headers}
     frames = seg.pixel_array.reshape(-1, 48, 40)
     on_slices = []
