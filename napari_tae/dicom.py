@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from napari_tae._atomic import atomic_path
-from napari_tae.io import MAX_AXIS, MAX_VOXELS, Geometry, Volume, VolumeError
+from napari_tae.io import MAX_AXIS, MAX_VOXELS, Geometry, Volume, VolumeError, error_line
 
 if TYPE_CHECKING:  # pydicom is imported where it is used: the CLI's --help stays instant
     from pydicom.dataset import Dataset
@@ -139,8 +139,7 @@ def _read_header(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError) as exc:
-        message = str(exc).strip().splitlines()
-        raise VolumeError(path, f"unreadable DICOM file ({message[0] if message else exc})") from None
+        raise VolumeError(path, f"unreadable DICOM file ({error_line(exc)})") from None
 
 
 def _is_image_plane(header: Dataset) -> bool:
@@ -327,9 +326,9 @@ def load_series(series: DicomSeries) -> DicomVolume:
         with _itk_warnings_off():
             image = reader.Execute()
     except RuntimeError as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        raise _fail(series, f"pixel data cannot be read ({lines[-1].strip() if lines else exc})") \
-            from None
+        # ITK's message starts with its source location; the reason is its last line
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise _fail(series, f"pixel data cannot be read ({lines[-1] if lines else exc})") from None
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     spacing = np.array(image.GetSpacing(), dtype=float)
     # ITK takes the slice spacing from the first two slices; the gaps are regular within
