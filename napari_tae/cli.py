@@ -229,7 +229,8 @@ def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckp
     save_volume(result.mask, geometry, out["_mask.nii.gz"], labels=True, overwrite=args.overwrite)
     write_lesion_csv(result.lesions, out["_lesions.csv"])
     if job.series is not None:
-        dicom.write_seg(result.mask, volume, out[dicom.SEG_SUFFIX], overwrite=args.overwrite)
+        dicom.write_seg(result.mask, geometry, job.series, out[dicom.SEG_SUFFIX],
+                        overwrite=args.overwrite)
     settings = dict(result.settings)
     settings.setdefault("device", args.device)
     settings["brain_mask_supplied"] = args.brain_mask is not None

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from napari_tae._atomic import atomic_path
-from napari_tae.io import MAX_AXIS, MAX_VOXELS, Geometry, Volume, VolumeError, error_line
+from napari_tae.io import (
+    MAX_AXIS,
+    MAX_VOXELS,
+    Geometry,
+    Volume,
+    VolumeError,
+    error_line,
+)
 
 if TYPE_CHECKING:  # pydicom is imported where it is used: the CLI's --help stays instant
     from pydicom.dataset import Dataset
@@ -102,14 +109,9 @@ class DicomSeries:
 
 @dataclass
 class DicomVolume(Volume):
-    """A :class:`~napari_tae.io.Volume` read from a DICOM series.
-
-    ``slices`` are the series' headers in the order of the volume's slices (position along the
-    normal), which is the order of the frames of a SEG written by :func:`write_seg`.
-    """
+    """A :class:`~napari_tae.io.Volume` read from a DICOM series (``series``, for the SEG)."""
 
     series: DicomSeries | None = None
-    slices: tuple[Dataset, ...] = ()
 
 
 def dicom_files(folder: str | os.PathLike) -> list[Path]:
@@ -344,7 +346,7 @@ def load_series(series: DicomSeries) -> DicomVolume:
         raise _fail(series, f"constant volume (every voxel is {float(disk.min()):g})")
     geometry = Geometry.from_affine(affine, disk.shape, source_path=series.folder)
     data = np.ascontiguousarray(geometry.from_source(disk), dtype=np.float32)
-    return DicomVolume(data=data, geometry=geometry, series=series, slices=tuple(slices))
+    return DicomVolume(data=data, geometry=geometry, series=series)
 
 
 def load_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> DicomVolume:
@@ -375,18 +377,40 @@ def pick_series(series: Sequence[DicomSeries], series_uid: str | None) -> DicomS
     return series[0]
 
 
+def _on_series_grid(geometry: Geometry, slices: Sequence[Dataset]) -> bool:
+    """Whether ``geometry``'s file axes are the slices' (column, row, slice) grid, in LPS."""
+    first = slices[0]
+    if tuple(geometry.source_shape[:3]) != (int(first.Columns), int(first.Rows), len(slices)):
+        return False
+    lps = _LPS_TO_RAS @ geometry.source_affine  # the flip is its own inverse
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    orientation = np.array([float(v) for v in first.ImageOrientationPatient])
+    expected = {
+        (0, 0, 0): np.array([float(v) for v in first.ImagePositionPatient]),
+        (0, 0, len(slices) - 1): np.array([float(v) for v in slices[-1].ImagePositionPatient]),
+    }
+    expected[(1, 0, 0)] = expected[(0, 0, 0)] + orientation[:3] * col_spacing
+    expected[(0, 1, 0)] = expected[(0, 0, 0)] + orientation[3:] * row_spacing
+    tolerance = SHEAR_TOLERANCE * min(row_spacing, col_spacing)
+    return all(np.linalg.norm((lps @ [*ijk, 1.0])[:3] - xyz) <= tolerance
+               for ijk, xyz in expected.items())
+
+
 def write_seg(
     mask: np.ndarray,
-    volume: DicomVolume,
+    geometry: Geometry,
+    series: DicomSeries,
     path: str | os.PathLike,
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write a binary DICOM SEG of ``mask`` (napari order) referencing the volume's series.
+    """Write a binary DICOM SEG of ``mask`` (napari order, on ``geometry``) referencing ``series``.
 
-    One segment, "Anomaly" (morphologically abnormal structure / lesion, automatic, algorithm
-    napari-tae with its version); frame ``k`` is the mask on source slice ``k`` and references
-    that slice's SOPInstanceUID (slices without anomaly are omitted). Written atomically.
+    ``geometry`` is the one :func:`load_series` gave for ``series`` (a layer's metadata holds
+    both). One segment, "Anomaly" (morphologically abnormal structure / lesion, automatic,
+    algorithm napari-tae with its version); the frame of source slice ``k`` is the mask on it
+    and references that slice's SOPInstanceUID (slices without anomaly are omitted). Written
+    atomically.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -394,14 +418,15 @@ def write_seg(
     from napari_tae import __version__
 
     path = os.fspath(path)
-    if not volume.slices or volume.series is None:
-        raise VolumeError(path, "a DICOM SEG needs a volume read from a DICOM series")
+    slices, _ = _slice_order(series)
+    if not _on_series_grid(geometry, slices):
+        raise VolumeError(path, f"the mask is not on the grid of series {series.uid}")
     if os.path.exists(path) and not overwrite:
         raise VolumeError(path, "file exists (pass overwrite=True to replace it)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise VolumeError(path, "output folder does not exist")
     # napari (S, A, R) -> file axes (column, row, slice) -> SEG frames (slice, row, column)
-    frames = volume.geometry.to_source(np.asarray(mask) > 0).transpose(2, 1, 0)
+    frames = geometry.to_source(np.asarray(mask) > 0).transpose(2, 1, 0)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="napari-tae", version=__version__, family=codes.cid7162.ArtificialIntelligence)
     segment = hd.seg.SegmentDescription(
@@ -412,21 +437,20 @@ def write_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    number = volume.series.number
     seg = hd.seg.Segmentation(
-        source_images=list(volume.slices),
+        source_images=slices,
         pixel_array=np.ascontiguousarray(frames, dtype=np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
         series_instance_uid=hd.UID(),
-        series_number=(number or 0) + 1000,
+        series_number=(series.number or 0) + 1000,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="napari-tae",
         manufacturer_model_name="napari-tae transformer autoencoder anomaly segmentation",
         software_versions=__version__,
         device_serial_number="0",
-        series_description=f"napari-tae anomaly mask of {volume.series.label}"[:64],
+        series_description=f"napari-tae anomaly mask of {series.label}"[:64],
     )
     with atomic_path(path) as tmp:
         seg.save_as(tmp)

@@ -293,7 +293,7 @@ def test_seg_round_trip_overlays_the_right_voxels(tmp_path):
     mask_disk[10:12, 2:4, 4:6] = True
     # the mask in napari order, as inference gives it: through nibabel's reference geometry
     mask = load_volume(_nifti(tmp_path, mask_disk.astype(np.float32), _oblique_affine())).data > 0
-    out = write_seg(mask, volume, tmp_path / "case_mask.seg.dcm")
+    out = write_seg(mask, volume.geometry, volume.series, tmp_path / "case_mask.seg.dcm")
     seg = hd.seg.segread(out)
     assert seg.SegmentSequence[0].SegmentLabel == "Anomaly"
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
@@ -315,7 +315,10 @@ def test_seg_round_trip_overlays_the_right_voxels(tmp_path):
         seen.add(k)
     assert seen == {2, 4, 5}
     with pytest.raises(VolumeError, match="file exists"):
-        write_seg(mask, volume, out)
+        write_seg(mask, volume.geometry, volume.series, out)
+    other = load_dicom(write_series(tmp_path / "other", _values(), LPS_AFFINE)[0].parent)
+    with pytest.raises(VolumeError, match="wrong.seg.dcm: the mask is not on the grid of series"):
+        write_seg(mask, other.geometry, volume.series, tmp_path / "wrong.seg.dcm")
 
 
 def test_seg_of_an_empty_mask(tmp_path):
@@ -323,7 +326,8 @@ def test_seg_of_an_empty_mask(tmp_path):
 
     write_series(tmp_path / "dcm", _values(), LPS_AFFINE)
     volume = load_dicom(tmp_path / "dcm")
-    out = write_seg(np.zeros(volume.data.shape, bool), volume, tmp_path / "empty.seg.dcm")
+    out = write_seg(np.zeros(volume.data.shape, bool), volume.geometry, volume.series,
+                    tmp_path / "empty.seg.dcm")
     seg = hd.seg.segread(out)
     assert not np.asarray(seg.pixel_array).any()
     assert sorted(os.listdir(tmp_path)) == ["dcm", "empty.seg.dcm"]  # no temporary left
