@@ -362,8 +362,7 @@ def test_reader_contract_for_folders(tmp_path):
 
 
 def test_reader_opens_one_layer_per_series(make_napari_viewer, tmp_path, monkeypatch):
-    from napari_tae.plugin._layers import GEOMETRY_KEY, RADIOLOGICAL_ORIENTATION
-    from napari_tae.plugin._reader import DICOM_KEY
+    from napari_tae.plugin._layers import DICOM_KEY, GEOMETRY_KEY, RADIOLOGICAL_ORIENTATION
     from napari_tae.plugin._widget import AnomalyWidget
     from napari_tae.settings import CONFIG_ENV
 
@@ -517,3 +516,47 @@ def test_cli_dicom_folder_without_image_series_fails_by_name(flair_case, tmp_pat
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any(f"{report}: no image series, only non-image DICOM objects" in e for e in errors)
     assert (tmp_path / "out" / "flair_provenance.json").is_file()
+
+
+def test_widget_export_of_a_dicom_layer_writes_the_seg(make_napari_viewer, flair_case, tmp_path,
+                                                       monkeypatch):
+    import highdicom as hd
+
+    from napari_tae.plugin._widget import AnomalyWidget
+    from napari_tae.settings import CONFIG_ENV
+
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
+    viewer = make_napari_viewer()
+    viewer.open(os.fspath(flair_case["folder"]), plugin="napari-tae")
+    widget = AnomalyWidget(viewer, synchronous=True)
+    widget.image_combo.setCurrentText("AX FLAIR")
+    widget.model_combo.setCurrentIndex(widget.model_combo.findData("intensity"))
+    widget.device_combo.setCurrentText("cpu")
+    widget.run()
+    mask_layer = viewer.layers["AX FLAIR anomaly mask"]
+    mask_layer.data[mask_layer.data.shape[0] // 2, 10:14, 10:14] = 1  # a manual edit is exported
+    paths = widget.export(os.fspath(tmp_path), "case")
+    assert paths is not None, widget.status.text()
+    seg = hd.seg.segread(paths["seg"])
+    flair = next(s for s in flair_case["series"] if s.description == "AX FLAIR")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair.uid
+    # the SEG and the exported NIfTI mask say the same, slice by slice of the source series
+    mask = np.asarray(nib.load(paths["mask"]).dataobj)
+    by_uid = {h.SOPInstanceUID: h for h in flair.headers}
+    frames = seg.pixel_array.reshape(-1, mask.shape[1], mask.shape[0])
+    top = float(flair_case["affine"][2, 3])
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        source = by_uid[group.DerivationImageSequence[0].SourceImageSequence[0]
+                        .ReferencedSOPInstanceUID]
+        k = round((float(source.ImagePositionPatient[2]) - top) / 2.5)
+        np.testing.assert_array_equal(frame, mask[:, :, k].T)
+    assert len(frames) == int(np.count_nonzero(mask.any(axis=(0, 1))))
+    provenance = json.loads(paths["provenance"].read_text())
+    assert provenance["settings"]["dicom_series_uid"] == flair.uid
+    # the SEG is part of the overwrite check like the other files
+    for kind, path in paths.items():
+        if kind != "seg":
+            path.unlink()
+    assert widget.export(os.fspath(tmp_path), "case") is None
+    assert "case_mask.seg.dcm: file exists" in widget.status.text()
+    widget.cleanup()

@@ -17,6 +17,7 @@ from napari_tae.preprocess import brain_mask
 
 __all__ = [
     "AXIS_LABELS",
+    "DICOM_KEY",
     "GEOMETRY_KEY",
     "RADIOLOGICAL_ORIENTATION",
     "contrast_limits",
@@ -27,6 +28,8 @@ __all__ = [
 
 #: ``layer.metadata`` key of the source :class:`~napari_tae.io.Geometry`
 GEOMETRY_KEY = "napari_tae_geometry"
+#: ``layer.metadata`` key of the :class:`~napari_tae.dicom.DicomSeries` a layer was read from
+DICOM_KEY = "napari_tae_dicom_series"
 AXIS_LABELS = ("S", "A", "R")
 
 #: Camera orientation (depth, vertical, horizontal) for the (S, A, R) axes: anterior up, the

@@ -30,10 +30,9 @@ from napari_tae.io import (
     looks_like_label_map,
     nifti_stem,
 )
-from napari_tae.plugin._layers import contrast_limits, layer_kwargs
+from napari_tae.plugin._layers import DICOM_KEY, contrast_limits, layer_kwargs
 
 __all__ = [
-    "DICOM_KEY",
     "napari_get_reader",
     "read_dicom",
     "read_nifti",
@@ -42,9 +41,6 @@ __all__ = [
 LayerData = tuple[Any, dict[str, Any], str]
 PathOrPaths = str | Sequence[str]
 Reader = Callable[[PathOrPaths], list[LayerData]]
-
-#: ``layer.metadata`` key of the :class:`~napari_tae.dicom.DicomSeries` a layer was read from
-DICOM_KEY = "napari_tae_dicom_series"
 
 
 def _paths(path: PathOrPaths) -> list[str]:

@@ -690,8 +690,11 @@ class AnomalyWidget(QWidget):
         input_file = getattr(state.geometry, "source_path", None) or (
             str(source.source.path) if source is not None and source.source.path else None)
         state.record_edits(layer.data)
+        from napari_tae.plugin._layers import DICOM_KEY
+
         kw = dict(mask=layer.data, state=state, input_file=input_file,
-                  extra={"napari_version": napari.__version__})
+                  extra={"napari_version": napari.__version__},
+                  dicom_series=source.metadata.get(DICOM_KEY) if source is not None else None)
         try:
             paths = export_results(folder, base, **kw)
         except ExportError as exc:
