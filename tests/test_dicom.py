@@ -202,10 +202,15 @@ def test_two_series_in_one_folder(tmp_path):
     assert output_name(series[1]) == "AX_FLAIR"
 
 
+def _slice_file(paths: list[Path], k: int) -> Path:
+    """The file of slice ``k`` of a series written with ``LPS_AFFINE`` (by its position)."""
+    z = LPS_AFFINE[2, 3] + k * LPS_AFFINE[2, 2]
+    [path] = [p for p in paths if float(pydicom.dcmread(p).ImagePositionPatient[2]) == pytest.approx(z)]
+    return path
+
+
 def test_missing_slice_is_refused(tmp_path):
-    paths = write_series(tmp_path / "dcm", _values(), LPS_AFFINE)
-    middle = [p for p in paths if pydicom.dcmread(p).ImagePositionPatient[2] == pytest.approx(-60 + 3 * 3.3)]
-    middle[0].unlink()
+    _slice_file(write_series(tmp_path / "dcm", _values(), LPS_AFFINE), 3).unlink()
     with pytest.raises(VolumeError, match=r"dcm: series 'AX FLAIR' .*irregular slice spacing: "
                                           r"gap of 6.6 mm .* 3.3 mm elsewhere"):
         load_dicom(tmp_path / "dcm")
@@ -362,7 +367,11 @@ def test_reader_contract_for_folders(tmp_path):
 
 
 def test_reader_opens_one_layer_per_series(make_napari_viewer, tmp_path, monkeypatch):
-    from napari_tae.plugin._layers import DICOM_KEY, GEOMETRY_KEY, RADIOLOGICAL_ORIENTATION
+    from napari_tae.plugin._layers import (
+        DICOM_KEY,
+        GEOMETRY_KEY,
+        RADIOLOGICAL_ORIENTATION,
+    )
     from napari_tae.plugin._widget import AnomalyWidget
     from napari_tae.settings import CONFIG_ENV
 
@@ -503,18 +512,23 @@ def test_cli_segments_a_series_and_writes_its_seg(flair_case, tmp_path):
     assert main([*args, str(flair_case["folder"]), "--series", flair.uid]) == 1
 
 
-def test_cli_dicom_folder_without_image_series_fails_by_name(flair_case, tmp_path, caplog):
+def test_cli_dicom_folder_without_image_series_fails_by_name(flair_case, tmp_path, capsys):
     from napari_tae.cli import main
 
     report = tmp_path / "report"
     report.mkdir()
     _non_image(report / "SR1")
-    with caplog.at_level("ERROR", logger="napari_tae"):
-        status = main(["-q", "segment", str(report), str(flair_case["nifti"]), "-m", "intensity",
-                       "-o", str(tmp_path / "out")])
-    assert status == 1
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert any(f"{report}: no image series, only non-image DICOM objects" in e for e in errors)
+    gappy = tmp_path / "gappy"
+    _slice_file(write_series(gappy, _values(), LPS_AFFINE), 3).unlink()
+    status = main(["-q", "segment", str(report), str(gappy), str(flair_case["nifti"]),
+                   "-m", "intensity", "-o", str(tmp_path / "out")])
+    assert status == 2  # two inputs failed, by name, on one line each; the third ran
+    errors = capsys.readouterr().err.splitlines()
+    assert f"napari-tae: ERROR: {report}: no image series, only non-image DICOM objects " \
+           "(Basic Text SR Storage x1)" in errors
+    assert any(e.startswith(f"napari-tae: ERROR: {gappy}: series 'AX FLAIR'")
+               and "irregular slice spacing" in e for e in errors)
+    assert len(errors) == 3  # the two failures and the summary
     assert (tmp_path / "out" / "flair_provenance.json").is_file()
 
 
