@@ -152,11 +152,19 @@ def _is_image_plane(header: Dataset) -> bool:
     ) and int(header.get("NumberOfFrames", 1) or 1) == 1
 
 
+def _is_directory(header: Dataset) -> bool:
+    """A DICOMDIR: the index of a DICOM file set, not an instance of any series."""
+    from pydicom.uid import MediaStorageDirectoryStorage
+
+    meta = getattr(header, "file_meta", None)
+    return meta is not None and meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage
+
+
 def _kind(header: Dataset) -> str:
     """What a non-image instance is, for the refusal message."""
     from pydicom.uid import UID
 
-    sop = header.get("SOPClassUID", None)
+    sop = header.get("SOPClassUID", None) or header.file_meta.get("MediaStorageSOPClassUID", None)
     name = UID(str(sop)).name if sop else "object without SOP class"
     if int(header.get("NumberOfFrames", 1) or 1) > 1 and "Segmentation" not in name:
         name += " (multi-frame images are not supported)"
@@ -186,7 +194,7 @@ def list_series(folder: str | os.PathLike) -> list[DicomSeries]:
     planeless: list[Dataset] = []
     for path in files:
         header = _read_header(path)
-        if not header.get("SeriesInstanceUID", None):
+        if not header.get("SeriesInstanceUID", None) and not _is_directory(header):
             # a Type 1 attribute of every instance: the file is cut short or not an instance
             raise VolumeError(path, "incomplete DICOM file (no SeriesInstanceUID; truncated?)")
         if not _is_image_plane(header):
@@ -197,7 +205,7 @@ def list_series(folder: str | os.PathLike) -> list[DicomSeries]:
         by_uid.setdefault(str(header.SeriesInstanceUID), []).append(header)
     for header in planeless:
         # an instance of an image series without its plane: dropping it would lose a slice
-        members = by_uid.get(str(header.SeriesInstanceUID), ())
+        members = by_uid.get(str(header.get("SeriesInstanceUID", "")), ())
         if any(m.get("SOPClassUID") == header.get("SOPClassUID") for m in members):
             raise VolumeError(header.filename, "image without position or orientation "
                                                "(truncated file?) in an image series")

@@ -86,7 +86,7 @@ def write_series(
         ds.PatientSex = ""
         ds.StudyInstanceUID = study_uid
         ds.StudyID = "1"
-        ds.StudyDate = ds.StudyTime = ""
+        ds.StudyDate, ds.StudyTime = "20240101", "120000"
         ds.AccessionNumber = ""
         ds.ReferringPhysicianName = ""
         ds.SeriesInstanceUID = series_uid
@@ -265,6 +265,26 @@ def test_non_image_and_empty_folders_are_refused(tmp_path):
     # a report beside an image series is ignored, not an error
     write_series(folder, _values(), LPS_AFFINE)
     assert load_dicom(folder).data.shape == (7, 24, 20)
+
+
+def test_dicomdir_file_set_points_to_its_subfolders(tmp_path):
+    from pydicom.fileset import FileSet
+
+    staging = tmp_path / "staging"
+    paths = write_series(staging, _values(), LPS_AFFINE)
+    file_set = FileSet()
+    for path in paths:
+        file_set.add(pydicom.dcmread(path))
+    cd = tmp_path / "cd"
+    file_set.write(cd)  # DICOMDIR at the root, the images in subfolders, as on a CD
+    assert (cd / "DICOMDIR").is_file()
+    with pytest.raises(VolumeError, match=r"cd: no image series, only non-image DICOM objects "
+                                          r"\(Media Storage Directory Storage x1\); the images "
+                                          r"may be in a subfolder"):
+        load_dicom(cd)
+    # beside the images of a series, a DICOMDIR is ignored
+    (staging / "DICOMDIR").write_bytes((cd / "DICOMDIR").read_bytes())
+    assert load_dicom(staging).data.shape == (7, 24, 20)
 
 
 def test_single_slice_and_broken_file_are_refused(tmp_path):
