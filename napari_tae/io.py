@@ -304,17 +304,24 @@ def looks_like_label_map(volume: Volume, name: str | os.PathLike | None = None) 
     them, with a mask-like word in the file name (``mask``, ``label``, ``seg``, ``lesion``,
     ``gt``, ``aseg``...); or integer values in a NIfTI file whose intent is ``label``.
     """
-    values = np.unique(volume.data)
-    if np.isin(values, (0, 1)).all():
-        return True
-    if not np.array_equal(values, np.round(values)):
+    data = volume.data
+    # a strided sample settles most float images before a pass over every voxel
+    sample = data.ravel()[:: max(1, data.size // 100_000)]
+    if not (_integer_valued(sample) and _integer_valued(data)):
         return False
-    intent = volume.geometry.source_header.get_intent()[0]
-    if intent == "label":
+    lo, hi = float(data.min()), float(data.max())
+    if lo >= 0 and hi <= 1:
+        return True
+    if volume.geometry.source_header.get_intent()[0] == "label":
         return True
     words = re.split(r"[^a-z0-9]+", nifti_stem(name).lower()) if name is not None else []
-    named = any(w in _LABEL_WORDS or w.endswith(("mask", "label", "labels", "seg")) for w in words)
-    return named and values.size <= MAX_NAMED_LABEL_VALUES
+    if not any(w in _LABEL_WORDS or w.endswith(("mask", "label", "labels", "seg")) for w in words):
+        return False
+    return hi - lo < MAX_NAMED_LABEL_VALUES or np.unique(data).size <= MAX_NAMED_LABEL_VALUES
+
+
+def _integer_valued(data: np.ndarray) -> bool:
+    return bool(np.array_equal(data, np.round(data)))
 
 
 def load_mask(path: str | os.PathLike) -> Volume:
