@@ -166,8 +166,11 @@ def _kind(header: Dataset) -> str:
 
     sop = header.get("SOPClassUID", None) or header.file_meta.get("MediaStorageSOPClassUID", None)
     name = UID(str(sop)).name if sop else "object without SOP class"
-    if int(header.get("NumberOfFrames", 1) or 1) > 1 and "Segmentation" not in name:
-        name += " (multi-frame images are not supported)"
+    if int(header.get("NumberOfFrames", 1) or 1) > 1:
+        if "Segmentation" not in name:
+            name += " (multi-frame images are not supported)"
+    elif name.endswith("Image Storage"):
+        name += " without position, orientation or pixel spacing"
     return name
 
 
@@ -213,7 +216,7 @@ def list_series(folder: str | os.PathLike) -> list[DicomSeries]:
         found = ", ".join(f"{kind} x{n}" for kind, n in sorted(others.items()))
         hint = "; the images may be in a subfolder" if any(
             p.is_dir() for p in Path(folder).iterdir()) else ""
-        raise VolumeError(folder, f"no image series, only non-image DICOM objects ({found}){hint}")
+        raise VolumeError(folder, f"no image series; found only {found}{hint}")
     if others:
         _logger.info("%s: ignored %d non-image DICOM object(s)", folder, sum(others.values()))
     series = []

@@ -253,8 +253,8 @@ def test_non_image_and_empty_folders_are_refused(tmp_path):
     folder.mkdir()
     _non_image(folder / "SR0001")
     assert is_dicom_folder(folder)
-    with pytest.raises(VolumeError, match=r"report: no image series, only non-image DICOM "
-                                          r"objects \(Basic Text SR Storage x1\)"):
+    with pytest.raises(VolumeError, match=r"report: no image series; found only Basic Text "
+                                          r"SR Storage x1$"):
         load_dicom(folder)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -262,6 +262,15 @@ def test_non_image_and_empty_folders_are_refused(tmp_path):
     assert not is_dicom_folder(empty)
     with pytest.raises(VolumeError, match="empty: folder holds no DICOM file"):
         load_dicom(empty)
+    # images without the Image Plane module (screenshots, some scanners' derived series)
+    flat = tmp_path / "flat"
+    for path in write_series(flat, _values((8, 8, 3)), LPS_AFFINE):
+        ds = pydicom.dcmread(path)
+        del ds.PixelSpacing
+        ds.save_as(path)
+    with pytest.raises(VolumeError, match=r"flat: no image series; found only MR Image Storage "
+                                          r"without position, orientation or pixel spacing x3$"):
+        load_dicom(flat)
     # a report beside an image series is ignored, not an error
     write_series(folder, _values(), LPS_AFFINE)
     assert load_dicom(folder).data.shape == (7, 24, 20)
@@ -278,9 +287,9 @@ def test_dicomdir_file_set_points_to_its_subfolders(tmp_path):
     cd = tmp_path / "cd"
     file_set.write(cd)  # DICOMDIR at the root, the images in subfolders, as on a CD
     assert (cd / "DICOMDIR").is_file()
-    with pytest.raises(VolumeError, match=r"cd: no image series, only non-image DICOM objects "
-                                          r"\(Media Storage Directory Storage x1\); the images "
-                                          r"may be in a subfolder"):
+    with pytest.raises(VolumeError, match=r"cd: no image series; found only Media Storage "
+                                          r"Directory Storage x1; the images may be in a "
+                                          r"subfolder$"):
         load_dicom(cd)
     # beside the images of a series, a DICOMDIR is ignored
     (staging / "DICOMDIR").write_bytes((cd / "DICOMDIR").read_bytes())
@@ -544,8 +553,8 @@ def test_cli_dicom_folder_without_image_series_fails_by_name(flair_case, tmp_pat
                    "-m", "intensity", "-o", str(tmp_path / "out")])
     assert status == 2  # two inputs failed, by name, on one line each; the third ran
     errors = capsys.readouterr().err.splitlines()
-    assert f"napari-tae: ERROR: {report}: no image series, only non-image DICOM objects " \
-           "(Basic Text SR Storage x1)" in errors
+    assert f"napari-tae: ERROR: {report}: no image series; found only Basic Text SR Storage x1" \
+        in errors
     assert any(e.startswith(f"napari-tae: ERROR: {gappy}: series 'AX FLAIR'")
                and "irregular slice spacing" in e for e in errors)
     assert len(errors) == 3  # the two failures and the summary
