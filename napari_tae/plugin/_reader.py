@@ -63,15 +63,6 @@ def _image_layer(volume: Volume, name: str) -> LayerData:
     return volume.data, kwargs, "image"
 
 
-def _labels_layer(volume: Volume, name: str) -> LayerData:
-    return volume.data.astype(np.int32), layer_kwargs(volume.geometry, name), "labels"
-
-
-def _read_image(path: str) -> LayerData:
-    # a constant image is refused; a constant mask (lesion-free case) is not
-    return _image_layer(load_volume(path), nifti_stem(path))
-
-
 def read_nifti(path: PathOrPaths) -> list[LayerData]:
     """Read NIfTI volumes: masks/label maps as Labels, anything else as Image layers.
 
@@ -81,11 +72,14 @@ def read_nifti(path: PathOrPaths) -> list[LayerData]:
     layers = []
     for p in _paths(path):
         volume = load_mask(p)
+        name = nifti_stem(p)
         if looks_like_label_map(volume, p):
-            layers.append(_labels_layer(volume, nifti_stem(p)))
-        else:
-            layers.append(_read_image(p) if volume.data.min() == volume.data.max()
-                          else _image_layer(volume, nifti_stem(p)))
+            layers.append((volume.data.astype(np.int32), layer_kwargs(volume.geometry, name),
+                           "labels"))
+            continue
+        if volume.data.min() == volume.data.max():
+            load_volume(p)  # refuses constant images with its usual message
+        layers.append(_image_layer(volume, name))
     return layers
 
 
