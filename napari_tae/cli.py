@@ -2,8 +2,9 @@
 
 ``napari-tae segment`` runs the same code path as the plugin (:func:`napari_tae.inference.segment`,
 Ghorbel et al., "Transformer based Models for Unsupervised Anomaly Segmentation in Brain MR Images",
-BrainLes 2022, https://arxiv.org/abs/2207.02059) on many NIfTI files and writes, per input, the
-reconstruction, residual and mask on the input's grid, a lesion table and a provenance record.
+BrainLes 2022, https://arxiv.org/abs/2207.02059) on many NIfTI files or DICOM series and writes,
+per input, the reconstruction, residual and mask on the input's grid, a lesion table and a
+provenance record; for a DICOM series also a DICOM SEG of the mask referencing it.
 ``napari-tae models`` lists the model zoo and the bundled checkpoints; ``napari-tae demo`` opens
 napari with the sample volume and the anomaly widget.
 
@@ -25,8 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from napari_tae import dicom
 from napari_tae._atomic import write_text_atomic
-from napari_tae.io import NIFTI_SUFFIXES, error_line, nifti_files, nifti_stem, same_file
+from napari_tae.io import (
+    NIFTI_SUFFIXES,
+    VolumeError,
+    error_line,
+    nifti_files,
+    nifti_stem,
+    same_file,
+)
 from napari_tae.options import DEVICE_CHOICES, MEDIAN_MODES, check_median_kernel
 
 __all__ = [
@@ -46,6 +55,8 @@ OUTPUT_SUFFIXES = (
     "_lesions.csv",
     "_provenance.json",
 )
+#: Provenance ``outputs`` key of the DICOM SEG (the NIfTI mask already has "mask").
+_SEG_KEY = "seg"
 #: Exit statuses above 125 mean "killed by a signal" or "command not found" to a shell.
 _MAX_EXIT = 125
 
@@ -59,18 +70,22 @@ class CLIError(Exception):
 
 
 def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (their NIfTI files, sorted, not recursive) into a file list.
+    """Expand files and folders into the inputs: NIfTI files, and DICOM folders as themselves.
 
-    Paths that do not exist are kept, so the batch reports them by name as failures instead of
-    silently dropping them. A folder without NIfTI files is an error.
+    A folder holding DICOM files is one DICOM input (its series are chosen by :func:`_plan_jobs`);
+    any other folder stands for its NIfTI files (sorted, not recursive). Paths that do not exist
+    are kept, so the batch reports them by name as failures instead of silently dropping them.
+    A folder with neither is an error.
     """
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if dicom.is_dicom_folder(path):
+            files.append(path)
+        elif path.is_dir():
             found = nifti_files(path)
             if not found:
-                raise CLIError(f"{path}: folder holds no .nii or .nii.gz file")
+                raise CLIError(f"{path}: folder holds no NIfTI (.nii, .nii.gz) or DICOM file")
             files.extend(found)
         else:
             files.append(path)
@@ -95,26 +110,58 @@ def _load_model(name_or_path: str) -> tuple[Any, Any, Path | None]:
 
 @dataclass
 class _Job:
-    """One input file and where its results go."""
+    """One input (a NIfTI file, or a DICOM folder and its chosen series) and where results go."""
 
     source: Path
     name: str
     outputs: dict[str, Path]
+    series: dicom.DicomSeries | None = None
 
 
-def _plan_jobs(files: list[Path], out_dir: Path) -> tuple[list[_Job], list[tuple[Path, str]]]:
-    """Output paths per input; inputs whose name repeats another's are failures, not overwrites."""
+def _choose_series(folder: Path, series_uid: str | None) -> dicom.DicomSeries:
+    """The folder's series ``series_uid``, or its only series (``series_uid`` may name a series of
+    another input folder); CLIError listing the series when that does not decide."""
+    found = dicom.list_series(folder)
+    try:
+        return dicom.pick_series(found, series_uid if len(found) > 1 else None)
+    except VolumeError as exc:
+        # several series and no (right) choice: the command must change, so nothing runs
+        raise CLIError(str(exc)) from None
+
+
+def _plan_jobs(
+    files: list[Path], out_dir: Path, series_uid: str | None = None
+) -> tuple[list[_Job], list[tuple[Path, str]]]:
+    """Output paths per input; inputs whose name repeats another's are failures, not overwrites.
+
+    A DICOM input is named after its series' description (else its folder), and writes the SEG
+    too. ``series_uid`` picks the series of the folder that holds it.
+    """
     jobs: list[_Job] = []
     failed: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
     for source in files:
-        name = nifti_stem(source)
+        series = None
+        if dicom.is_dicom_folder(source):
+            try:
+                series = _choose_series(source, series_uid)
+            except VolumeError as exc:
+                failed.append((source, exc.problem))
+                continue
+            name = dicom.output_name(series)
+            if name in seen:  # two studies of the same protocol: tell them by their folders
+                name = f"{source.resolve().name}_{name}"
+        else:
+            name = nifti_stem(source)
         if name in seen:
             failed.append((source, f"same output name '{name}' as {seen[name]}; rename one"))
             continue
         seen[name] = source
-        outputs = {suffix: out_dir / f"{name}{suffix}" for suffix in OUTPUT_SUFFIXES}
-        jobs.append(_Job(source=source, name=name, outputs=outputs))
+        suffixes = OUTPUT_SUFFIXES if series is None else (*OUTPUT_SUFFIXES, dicom.SEG_SUFFIX)
+        outputs = {suffix: out_dir / f"{name}{suffix}" for suffix in suffixes}
+        jobs.append(_Job(source=source, name=name, outputs=outputs, series=series))
+    if series_uid is not None and not any(j.series and j.series.uid == series_uid for j in jobs):
+        raise CLIError(f"--series {series_uid}: no input DICOM folder holds this series")
     return jobs, failed
 
 
@@ -162,7 +209,7 @@ def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckp
     from napari_tae.io import load_volume, save_volume
     from napari_tae.export import provenance_record, write_lesion_csv
 
-    volume = load_volume(job.source)
+    volume = dicom.load_series(job.series) if job.series else load_volume(job.source)
     brain = _brain_mask_for(job, args.brain_mask, volume.geometry)
     result = segment(
         volume,
@@ -181,14 +228,20 @@ def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckp
     save_volume(result.residual, geometry, out["_residual.nii.gz"], overwrite=args.overwrite)
     save_volume(result.mask, geometry, out["_mask.nii.gz"], labels=True, overwrite=args.overwrite)
     write_lesion_csv(result.lesions, out["_lesions.csv"])
+    if job.series is not None:
+        dicom.write_seg(result.mask, geometry, job.series, out[dicom.SEG_SUFFIX],
+                        overwrite=args.overwrite)
     settings = dict(result.settings)
     settings.setdefault("device", args.device)
     settings["brain_mask_supplied"] = args.brain_mask is not None
-    outputs = {suffix.strip("_").split(".")[0]: path for suffix, path in out.items()}
+    if job.series is not None:
+        settings["dicom_series_uid"] = job.series.uid
+    outputs = {_SEG_KEY if suffix == dicom.SEG_SUFFIX else suffix.strip("_").split(".")[0]: path
+               for suffix, path in out.items()}
     record = provenance_record(input_file=job.source, checkpoint=ckpt, meta=meta, settings=settings,
                                outputs=outputs, n_lesions=len(result.lesions),
                                command="napari-tae segment")
-    # provenance last: its presence says the other four files are complete
+    # provenance last: its presence says the other files are complete
     write_text_atomic(out["_provenance.json"], json.dumps(record, indent=2) + "\n")
     return len(result.lesions)
 
@@ -207,10 +260,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise CLIError(f"{out_dir}: --out-dir exists and is not a folder")
     if args.brain_mask is not None and not Path(args.brain_mask).exists():
         raise CLIError(f"{args.brain_mask}: no such brain mask file or folder")
+    # planned first: a DICOM folder with several series and no --series stops here
+    jobs, failures = _plan_jobs(files, out_dir, args.series)
     # the model is loaded once, before any file, so a bad checkpoint fails fast
     model, meta, ckpt = _load_model(args.checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs, failures = _plan_jobs(files, out_dir)
     for source, problem in failures:
         _logger.error("%s: %s", source, problem)
     n_ok = 0
@@ -374,13 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment",
         parents=[common],
-        help="segment NIfTI files or folders headlessly",
+        help="segment NIfTI files, folders of them or DICOM series headlessly",
         description="For each input writes <name>_reconstruction/_residual/_mask.nii.gz on the "
-        "input's grid, <name>_lesions.csv and <name>_provenance.json. Exit status: number of "
-        "failed inputs (capped at 125).",
+        "input's grid, <name>_lesions.csv and <name>_provenance.json; a DICOM series also gets "
+        "<name>_mask.seg.dcm (DICOM SEG referencing the series), <name> being its "
+        "SeriesDescription or folder name. Exit status: number of failed inputs (capped at 125).",
     )
     io_group = seg.add_argument_group("input and output")
-    io_group.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or folders of them")
+    io_group.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="NIfTI files, folders of them, or folders holding a DICOM series",
+    )
+    io_group.add_argument(
+        "--series", metavar="UID",
+        help="SeriesInstanceUID to segment in a DICOM folder holding several series "
+        "(without it such a folder is refused with the list of its series)",
+    )
     io_group.add_argument("-o", "--out-dir", required=True, help="output folder (created if missing)")
     io_group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     io_group.add_argument(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "is_nifti_path",
     "load_mask",
     "load_volume",
+    "looks_like_label_map",
     "nifti_files",
     "nifti_stem",
     "same_file",
@@ -50,6 +52,13 @@ MAX_SPACING = 100.0
 #: NIfTI file endings, longest first so that stripping ``.nii.gz`` wins over ``.nii``.
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+#: A label map with more values than this must say so by its NIfTI intent (``label``).
+MAX_NAMED_LABEL_VALUES = 64
+#: Words of a file name that mark a mask or label map (``flair_lesion_mask``, ``aseg``...).
+_LABEL_WORDS = frozenset({
+    "mask", "masks", "label", "labels", "labelmap", "seg", "segmentation", "lesion", "lesions",
+    "gt", "truth", "groundtruth", "aseg", "aparc", "parcellation", "roi", "wmh", "annotation",
+})
 
 
 class VolumeError(ValueError):
@@ -284,6 +293,35 @@ def load_volume(path: str | os.PathLike, *, allow_constant: bool = False) -> Vol
     geometry = Geometry.from_affine(img.affine, shape, img.header, source_path=path)
     canonical = np.ascontiguousarray(geometry.from_source(data))
     return Volume(data=canonical, geometry=geometry)
+
+
+def looks_like_label_map(volume: Volume, name: str | os.PathLike | None = None) -> bool:
+    """Whether a loaded volume is a mask or label map rather than an (integer) image.
+
+    A uint8 or int16 FLAIR often has fewer than 256 grey values, so the data type and the count
+    of values alone do not tell. A label map is: only the values 0 and 1 (a mask, any data
+    type; an empty mask too); or integer values, at most :data:`MAX_NAMED_LABEL_VALUES` of
+    them, with a mask-like word in the file name (``mask``, ``label``, ``seg``, ``lesion``,
+    ``gt``, ``aseg``...); or integer values in a NIfTI file whose intent is ``label``.
+    """
+    data = volume.data
+    # a strided sample settles most float images before a pass over every voxel
+    sample = data.ravel()[:: max(1, data.size // 100_000)]
+    if not (_integer_valued(sample) and _integer_valued(data)):
+        return False
+    lo, hi = float(data.min()), float(data.max())
+    if lo >= 0 and hi <= 1:
+        return True
+    if volume.geometry.source_header.get_intent()[0] == "label":
+        return True
+    words = re.split(r"[^a-z0-9]+", nifti_stem(name).lower()) if name is not None else []
+    if not any(w in _LABEL_WORDS or w.endswith(("mask", "label", "labels", "seg")) for w in words):
+        return False
+    return hi - lo < MAX_NAMED_LABEL_VALUES or np.unique(data).size <= MAX_NAMED_LABEL_VALUES
+
+
+def _integer_valued(data: np.ndarray) -> bool:
+    return bool(np.array_equal(data, np.round(data)))
 
 
 def load_mask(path: str | os.PathLike) -> Volume:

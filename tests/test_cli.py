@@ -167,7 +167,7 @@ def test_never_writes_over_an_input(cases, tmp_path):
 def test_user_errors_are_one_line(tmp_path, capsys):
     status = main(["segment", str(tmp_path), "-m", "intensity", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert status == 2 and "holds no .nii" in err and err.count("\n") == 1
+    assert status == 2 and "holds no NIfTI (.nii, .nii.gz) or DICOM file" in err and err.count("\n") == 1
     (tmp_path / "v.nii.gz").write_bytes(b"")
     status = main(["segment", str(tmp_path), "-m", "no_such_model", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err

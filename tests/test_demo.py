@@ -43,7 +43,7 @@ def test_demo_layers_model_and_visible_mask(make_napari_viewer, qtbot):
     widget = build_demo(viewer, synchronous=True)
     assert widget.checkpoint_spec() == default_checkpoint() != "intensity"
     assert widget.image_layer().name == SAMPLE_NAME
-    assert viewer.camera.orientation[1:] == ("up", "left")  # radiological: patient right on the left
+    assert viewer.scene.camera.orientation[1:] == ("up", "left")  # radiological: patient right on the left
     image = viewer.layers[SAMPLE_NAME]
     assert image.scale[0] > 1.0 and np.any(np.asarray(image.translate) != 0)
 

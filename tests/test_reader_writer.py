@@ -131,13 +131,15 @@ def test_npe2_validate():
 # ------------------------------------------------------------------ through napari itself
 def test_open_and_save_through_napari(make_napari_viewer, lps_file, tmp_path):
     viewer = make_napari_viewer()
+    default_orientation = tuple(map(str, viewer.scene.camera.orientation))
     [layer] = viewer.open(lps_file, plugin="napari-tae")
+    # the reader returns layer data only: the camera is the widget's and the demo's business
+    assert tuple(map(str, viewer.scene.camera.orientation)) == default_orientation
     vol = load_volume(lps_file)
     np.testing.assert_allclose(layer.scale, vol.geometry.spacing)
     np.testing.assert_allclose(layer.translate, vol.geometry.origin)
     assert tuple(layer.axis_labels) == ("S", "A", "R")
     assert all(str(u) == "millimeter" for u in layer.units)
-    assert tuple(map(str, viewer.camera.orientation)) == RADIOLOGICAL_ORIENTATION
     # napari's data -> world mapping lands each voxel where the file's affine puts it
     src = nib.load(lps_file)
     for ijk in [(0, 0, 0), (23, 29, 8), (5, 17, 2)]:
@@ -179,7 +181,8 @@ def test_open_and_save_through_napari(make_napari_viewer, lps_file, tmp_path):
 def test_set_radiological_view_on_plain_viewer(make_napari_viewer):
     viewer = make_napari_viewer()
     set_radiological_view(viewer)
-    assert tuple(map(str, viewer.camera.orientation2d)) == ("up", "left")
+    assert tuple(map(str, viewer.scene.camera.orientation)) == RADIOLOGICAL_ORIENTATION
+    assert tuple(map(str, viewer.scene.camera.orientation2d)) == ("up", "left")
 
 
 # ------------------------------------------------------------------ real MS volume
@@ -239,3 +242,78 @@ def test_reader_opens_masks_as_labels_and_scans_as_images(tmp_path, lps_file):
 def test_real_lesion_mask_opens_as_labels():
     data, kwargs, kind = read_nifti(os.fspath(LESIONS))[0]
     assert kind == "labels" and data.shape == (182, 218, 182) and data.any()
+
+
+# ------------------------------------------------------------------ integer FLAIRs
+def _flair_levels(n_levels: int, dtype) -> np.ndarray:
+    """A head-like integer volume with exactly ``n_levels`` grey values (0 outside)."""
+    brain = _brainish()
+    levels = np.round((brain - brain[brain > 0].min()) / np.ptp(brain[brain > 0]) * (n_levels - 2))
+    return np.where(brain > 0, levels + 1, 0).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "name, data, kind",
+    [
+        ("flair.nii.gz", _flair_levels(200, np.uint8), "image"),  # uint8 FLAIR, < 256 values
+        ("sub-01_FLAIR.nii.gz", _flair_levels(40, np.int16), "image"),  # few values, image name
+        ("flair_brain.nii.gz", _flair_levels(30, np.uint8), "image"),  # skull-stripped, not a mask
+        ("sub-01_lesion_seg.nii.gz", _flair_levels(40, np.int16), "labels"),  # few values + name
+        ("aseg.nii.gz", _flair_levels(60, np.int16), "labels"),
+        ("scan_labels.nii.gz", _flair_levels(200, np.uint8), "image"),  # too many for a name alone
+        ("anything.nii.gz", (_brainish() > 120).astype(np.float32), "labels"),  # 0/1 only
+        ("mask.nii.gz", _brainish() / 7.0, "image"),  # not integers
+    ],
+)
+def test_integer_flairs_open_as_images_and_masks_as_labels(tmp_path, name, data, kind):
+    path = _write(tmp_path, name, data)
+    assert len(np.unique(data)) == len(np.unique(load_volume(path, allow_constant=True).data))
+    layer_data, _, layer_type = read_nifti(path)[0]
+    assert layer_type == kind
+    if kind == "image":
+        np.testing.assert_array_equal(layer_data, load_volume(path).data)
+
+
+def test_nifti_label_intent_marks_a_label_map(tmp_path):
+    img = nib.Nifti1Image(_flair_levels(100, np.int16), LPS)
+    path = os.fspath(tmp_path / "parcels.nii.gz")
+    nib.save(img, path)
+    assert read_nifti(path)[0][2] == "image"
+    img.header.set_intent("label")
+    nib.save(img, path)
+    assert read_nifti(path)[0][2] == "labels"
+
+
+def test_int_flair_reaches_the_widget_and_converts_both_ways(make_napari_viewer, tmp_path,
+                                                             monkeypatch):
+    from napari.layers import Image, Labels
+    from napari.layers._layer_actions import _convert_to_image, _convert_to_labels
+
+    from napari_tae.plugin._widget import AnomalyWidget
+    from napari_tae.settings import CONFIG_ENV
+
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
+
+    viewer = make_napari_viewer()
+    widget = AnomalyWidget(viewer, synchronous=True)
+    [flair] = viewer.open(_write(tmp_path, "flair.nii.gz", _flair_levels(200, np.uint8)),
+                          plugin="napari-tae")
+    [seg] = viewer.open(_write(tmp_path, "lesion_seg.nii.gz", _flair_levels(40, np.int16)),
+                        plugin="napari-tae")
+    assert isinstance(flair, Image) and isinstance(seg, Labels)
+    choices = [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    assert choices == ["flair"]
+    # napari's own "Convert to Image" turns a layer read as labels into a selectable input, with
+    # its placement and source geometry kept
+    viewer.layers.selection = {seg}
+    _convert_to_image(viewer.layers)
+    converted = viewer.layers["lesion_seg"]
+    assert isinstance(converted, Image)
+    np.testing.assert_allclose(converted.scale, seg.scale)
+    assert isinstance(converted.metadata[GEOMETRY_KEY], Geometry)
+    choices = [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    assert sorted(choices) == ["flair", "lesion_seg"]
+    viewer.layers.selection = {converted}
+    _convert_to_labels(viewer.layers)
+    assert isinstance(viewer.layers["lesion_seg"], Labels)
+    widget.cleanup()

@@ -17,21 +17,24 @@ from napari_tae.preprocess import brain_mask
 
 __all__ = [
     "AXIS_LABELS",
+    "DICOM_KEY",
     "GEOMETRY_KEY",
     "RADIOLOGICAL_ORIENTATION",
     "contrast_limits",
     "layer_kwargs",
     "set_radiological_view",
+    "viewer_camera",
 ]
 
 #: ``layer.metadata`` key of the source :class:`~napari_tae.io.Geometry`
 GEOMETRY_KEY = "napari_tae_geometry"
+#: ``layer.metadata`` key of the :class:`~napari_tae.dicom.DicomSeries` a layer was read from
+DICOM_KEY = "napari_tae_dicom_series"
 AXIS_LABELS = ("S", "A", "R")
 
 #: Camera orientation (depth, vertical, horizontal) for the (S, A, R) axes: anterior up, the
 #: patient's right on the screen's left, superior away from the viewer (seen from the feet).
 RADIOLOGICAL_ORIENTATION = ("away", "up", "left")
-
 
 
 def layer_kwargs(geometry: Geometry, name: str) -> dict[str, Any]:
@@ -61,10 +64,17 @@ def contrast_limits(data: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
+def viewer_camera(viewer: Any) -> Any:
+    """The viewer's camera: ``viewer.scene.camera`` (napari >= 0.9), else ``viewer.camera``."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
 def set_radiological_view(viewer: Any) -> None:
     """Radiological display through the camera: anterior up, patient's right on screen left.
 
     Flips the camera orientation instead of using negative layer scales, so world coordinates
-    (and everything written back) stay in true RAS millimetres.
+    (and everything written back) stay in true RAS millimetres. Called where layers are added
+    (the widget, the demo), never by the reader: a reader returns layer data only.
     """
-    viewer.camera.orientation = RADIOLOGICAL_ORIENTATION
+    viewer_camera(viewer).orientation = RADIOLOGICAL_ORIENTATION

@@ -109,6 +109,8 @@ class AnomalyWidget(QWidget):
         for ev in ("inserted", "removed", "moved"):
             getattr(self.viewer.layers.events, ev).connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self.viewer.layers.events.inserted.connect(self._orient_radiological)
+        self._orient_radiological()
         self._refresh_layers()
         self._bind_keys()
 
@@ -229,6 +231,17 @@ class AnomalyWidget(QWidget):
             index = combo.findData(default_checkpoint())
         combo.setCurrentIndex(max(index, 0))
         combo.blockSignals(False)
+
+    def _orient_radiological(self, event: Any = None) -> None:
+        """Radiological camera once a volume placed in world mm is added (or already there).
+
+        The reader returns layer data only; the view is set here, where layers arrive.
+        """
+        from napari_tae.plugin._layers import GEOMETRY_KEY, set_radiological_view
+
+        layers = [event.value] if event is not None else list(self.viewer.layers)
+        if any(GEOMETRY_KEY in layer.metadata and not _is_result(layer) for layer in layers):
+            set_radiological_view(self.viewer)
 
     def _refresh_layers(self, event: Any = None) -> None:
         """Refill the layer choosers (results of this plugin are not offered as inputs)."""
@@ -614,10 +627,10 @@ class AnomalyWidget(QWidget):
         for axis in self.viewer.dims.not_displayed:
             if axis >= offset:
                 self.viewer.dims.set_point(axis, centre[axis - offset])
-        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera to the scene
-        camera = scene.camera if scene is not None else self.viewer.camera
-        camera.center = tuple(centre[a - offset] for a in self.viewer.dims.displayed
-                                          if a >= offset)
+        from napari_tae.plugin._layers import viewer_camera
+
+        viewer_camera(self.viewer).center = tuple(centre[a - offset] for a in
+                                                  self.viewer.dims.displayed if a >= offset)
         self.table.selectRow(row)
 
     def _step_lesion(self, step: int) -> None:
@@ -654,6 +667,7 @@ class AnomalyWidget(QWidget):
         for ev in ("inserted", "removed", "moved"):
             getattr(self.viewer.layers.events, ev).disconnect(self._refresh_layers)
         self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        self.viewer.layers.events.inserted.disconnect(self._orient_radiological)
 
     # ----------------------------------------------------------------------------- export
     def _export_clicked(self) -> None:
@@ -676,8 +690,11 @@ class AnomalyWidget(QWidget):
         input_file = getattr(state.geometry, "source_path", None) or (
             str(source.source.path) if source is not None and source.source.path else None)
         state.record_edits(layer.data)
+        from napari_tae.plugin._layers import DICOM_KEY
+
         kw = dict(mask=layer.data, state=state, input_file=input_file,
-                  extra={"napari_version": napari.__version__})
+                  extra={"napari_version": napari.__version__},
+                  dicom_series=source.metadata.get(DICOM_KEY) if source is not None else None)
         try:
             paths = export_results(folder, base, **kw)
         except ExportError as exc:
