@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
 
 import numpy as np
@@ -173,18 +172,6 @@ def test_slice_grid_rejects_wrong_shapes():
         grid.to_model(np.zeros((2, 40, 30), np.float32))
     with pytest.raises(ValueError, match="doesn't match"):
         grid.to_native(np.zeros((2, 30, 40), np.float32))
-
-
-def test_slice_grid_is_fast_on_a_brats_sized_volume():
-    stack = np.random.default_rng(0).random((155, 240, 240), dtype=np.float32)
-    grid = SliceGrid((240, 240), 256)
-    t0 = time.perf_counter()
-    model = grid.to_model(stack)
-    t1 = time.perf_counter()
-    grid.to_native(model)
-    t2 = time.perf_counter()
-    # ~0.25 s each way on 2 cores; bound loose enough for a busy CI machine
-    assert t1 - t0 < 1.5 and t2 - t1 < 1.5, (t1 - t0, t2 - t1)
 
 
 def test_prepare_volume():
