@@ -28,7 +28,7 @@ import importlib.util
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -40,13 +40,20 @@ from napari_tae._atomic import atomic_path, write_text_atomic
 __all__ = [
     "KINDS",
     "KIND_LABELS",
+    "REAL_FLAIR_RANGES",
+    "SAMPLE_MS_LESIONS",
+    "DomainRandomisation",
+    "FlairStatistics",
+    "MSLesions",
     "Subject",
-    "template_paths",
+    "add_anomalies",
+    "flair_statistics",
     "healthy_subject",
     "healthy_volume",
-    "add_anomalies",
-    "write_dataset",
     "sample_case",
+    "template_paths",
+    "thick_slices",
+    "write_dataset",
 ]
 
 KINDS: tuple[str, ...] = ("ms", "tumour", "dark", "deformation", "foreign_patch")
@@ -217,6 +224,152 @@ def _grid(shape, spacing, rng) -> tuple[tuple[int, int, int], np.ndarray]:
     return shape, spacing
 
 
+#: (min, max) of each `FlairStatistics` over the five real FLAIR scans of ../shared/data/real, as
+#: measured by ``benchmarks/real_flair_stats.py`` (docs/synthetic.md). ``brain_ml`` of the raw
+#: heads is that of a rough mask (sulcal CSF partly lost): not a target.
+REAL_FLAIR_RANGES: dict[str, tuple[float, float]] = {
+    "csf": (0.155, 0.231),
+    "wm": (0.600, 0.647),
+    "gm": (0.785, 0.823),
+    "gm_wm": (1.249, 1.309),
+    "csf_wm": (0.252, 0.380),
+    "wm_spread": (0.092, 0.117),
+    "noise": (0.035, 0.048),
+    "edge": (0.207, 0.263),
+    "bias": (0.018, 0.049),
+    "median": (0.673, 0.719),
+    "brain_ml": (893.0, 1130.0),
+}
+
+
+@dataclass(frozen=True)
+class DomainRandomisation:
+    """Ranges of the per-subject domain randomisation of `healthy_subject` (SynthSeg-style).
+
+    Each subject draws one value uniformly from every ``(low, high)`` range (probabilities are
+    Bernoulli draws). The defaults bracket what ``benchmarks/real_flair_stats.py`` measured on the
+    five real FLAIR scans (see ``docs/synthetic.md``): with them the generated volumes' statistics
+    fall within or around the real ones. Contrasts are relative to white matter = 1, before the
+    gamma change; noise and bias are relative to white matter too.
+    """
+
+    #: grey / white matter intensity (real k-means centre ratio 1.25-1.31 after normalisation)
+    gm_wm: tuple[float, float] = (1.15, 1.35)
+    #: CSF / white matter intensity (real dark-class ratio 0.25-0.38 after normalisation)
+    csf_wm: tuple[float, float] = (0.05, 0.30)
+    #: amplitudes of the ~8 mm and ~3 mm within-tissue textures (with the noise they make the
+    #: real white-matter spread of 9-12 %; the fine one gives real scans' grain of vessels and
+    #: small sulci, which the averaged template lacks)
+    texture: tuple[float, float] = (0.02, 0.05)
+    fine_texture: tuple[float, float] = (0.03, 0.07)
+    #: std over the brain of the smooth log bias field (real quadratic fit 0.02-0.05, which the
+    #: white-matter class selection flattens: the drawn field is about twice the measured one)
+    bias: tuple[float, float] = (0.02, 0.1)
+    #: one bias control point every this many mm (larger = smoother)
+    bias_every_mm: tuple[float, float] = (80.0, 160.0)
+    #: noise sigma (real in-plane neighbour-difference estimate 3.5-4.8 % of white matter)
+    noise: tuple[float, float] = (0.015, 0.045)
+    #: probability of Rician (magnitude) noise; Gaussian noise clipped at 0 otherwise
+    rician_probability: float = 0.5
+    #: in-plane Gaussian blur sigma, mm (reconstruction filters, motion)
+    blur_mm: tuple[float, float] = (0.0, 0.8)
+    #: probability of a thick-slice acquisition and its slice thickness in mm (clinical 3-4 mm)
+    thick_slice_probability: float = 0.7
+    slice_thickness_mm: tuple[float, float] = (2.0, 5.0)
+    #: thick slices: True returns the thick-slice grid (its own affine), False the volume
+    #: interpolated back onto the thin grid (fixed shape for training); see `thick_slices`
+    thick_grid: bool = False
+    #: log of the gamma exponent applied to intensities relative to white matter
+    log_gamma: tuple[float, float] = (-0.1, 0.3)
+    #: smooth elastic deformation: displacement std in mm and control-point spacing in mm
+    deformation_mm: tuple[float, float] = (1.0, 3.5)
+    deformation_every_mm: tuple[float, float] = (25.0, 45.0)
+    #: global brain scale (the MNI template brain is larger than most real brains)
+    brain_scale: tuple[float, float] = (0.84, 0.98)
+    #: exponent sharpening the warped tissue maps (the template is an average, blurrier than a
+    #: single brain): p_c <- p_c^k / sum p^k; 1 keeps the maps
+    sharpness: tuple[float, float] = (1.0, 2.2)
+    #: depth of the sulcal CSF drawn into the cortex (fraction of grey matter turned to CSF on
+    #: the sulcal ridges); the averaged template has almost no visible sulci
+    sulci: tuple[float, float] = (0.4, 0.9)
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """One subject's values (the keys of this dataclass, plus ``thick``/``rician`` booleans)."""
+        out: dict = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, tuple):
+                continue
+            low, high = value
+            if low > high:
+                raise ValueError(f"DomainRandomisation.{field.name}: low {low} > high {high}")
+            out[field.name] = float(rng.uniform(low, high))
+        out["rician"] = bool(rng.random() < self.rician_probability)
+        out["thick"] = bool(rng.random() < self.thick_slice_probability)
+        out["thick_grid"] = bool(self.thick_grid)
+        return out
+
+
+def thick_slices(volume: np.ndarray, spacing: float, thickness: float) -> tuple[np.ndarray, np.ndarray]:
+    """Partial-volume thick slices along the last axis: contiguous slabs of `thickness` mm.
+
+    Slab ``j`` covers ``[j T, (j + 1) T)`` mm from the lower edge of thin voxel 0 (T the
+    thickness) and is the average of the thin voxels weighted by their overlap with it (a box
+    slice profile); slabs that would run past the last thin voxel are dropped.
+
+    Returns
+    -------
+    (thick, index_affine)
+        The thick volume and the 4x4 map from thick voxel indices to thin voxel indices
+        (``thin_affine @ index_affine`` is the thick grid's affine).
+    """
+    n = volume.shape[-1]
+    m = float(thickness) / float(spacing)  # slab thickness in thin voxels
+    if m < 1.0:
+        raise ValueError(f"slice thickness {thickness} mm is below the voxel size {spacing} mm")
+    n_thick = int(np.floor(n / m + 1e-9))
+    if n_thick < 1:
+        raise ValueError(f"slice thickness {thickness} mm exceeds the field of view ({n} x {spacing} mm)")
+    lo = np.arange(n_thick)[:, None] * m - 0.5  # slab edges in thin-index units
+    edges = np.arange(n)[None, :]
+    overlap = np.clip(np.minimum(edges + 0.5, lo + m) - np.maximum(edges - 0.5, lo), 0.0, None)
+    weights = (overlap / m).astype(np.float32)  # (n_thick, n); rows sum to 1
+    thick = np.tensordot(volume.astype(np.float32), weights.T, axes=([volume.ndim - 1], [0]))
+    index_affine = np.eye(4)
+    index_affine[2, 2] = m
+    index_affine[2, 3] = -0.5 + 0.5 * m  # centre of slab 0
+    return thick.astype(np.float32), index_affine
+
+
+def _thin_from_thick(thick: np.ndarray, index_affine: np.ndarray, n: int) -> np.ndarray:
+    """Linear interpolation of thick slices back to the thin slice centres (edge slabs held)."""
+    u = np.clip((np.arange(n) - index_affine[2, 3]) / index_affine[2, 2], 0.0, thick.shape[-1] - 1)
+    j0 = np.minimum(np.floor(u).astype(int), thick.shape[-1] - 1)
+    j1 = np.minimum(j0 + 1, thick.shape[-1] - 1)
+    f = (u - j0).astype(np.float32)
+    return thick[..., j0] * (1.0 - f) + thick[..., j1] * f
+
+
+def _sharpen(maps: list[np.ndarray], k: float) -> list[np.ndarray]:
+    """Power-normalise tissue probabilities (p^k / sum p^k): crisper boundaries, same total."""
+    powered = [np.power(np.maximum(p, 0.0), np.float32(k)) for p in maps]
+    total = sum(powered)
+    scale = np.where(total > 0, sum(maps) / np.maximum(total, 1e-12), 0.0).astype(np.float32)
+    return [p * scale for p in powered]
+
+
+def _sulcal_ridges(gm: np.ndarray, wm: np.ndarray, spacing) -> np.ndarray:
+    """Grey-matter voxels farthest from white matter between two banks: where sulci run.
+
+    The averaged template has the cortical ribbon but hardly any sulcal CSF. Within grey matter,
+    the distance to white matter peaks midway between the white-matter cores of two gyri, i.e. on
+    the sulcal fundus and walls; those ridge voxels become CSF.
+    """
+    dist = ndi.distance_transform_edt(wm < 0.5, sampling=spacing).astype(np.float32)
+    ridge = (dist >= ndi.maximum_filter(dist, size=3)) & (gm > 0.5) & (dist > 1.0)
+    return ndi.gaussian_filter(ridge.astype(np.float32), 0.5)
+
+
 def healthy_subject(
     seed: int,
     *,
@@ -225,6 +378,7 @@ def healthy_subject(
     deformation_mm: float = 2.5,
     noise: float | None = None,
     bias: float = 0.2,
+    randomisation: DomainRandomisation | None = None,
 ) -> Subject:
     """Generate one healthy FLAIR-like subject.
 
@@ -239,19 +393,30 @@ def healthy_subject(
     spacing
         Voxel size in mm (scalar or per axis); None for the random or fitted size described above.
     deformation_mm
-        Standard deviation of the smooth random displacement field.
+        Standard deviation of the smooth random displacement field (ignored with ``randomisation``).
     noise
-        Rician noise sigma relative to white matter; None draws it in [0.02, 0.05].
+        Rician noise sigma relative to white matter; None draws it in [0.02, 0.05] (with
+        ``randomisation``: from its range; a value given here wins).
     bias
-        Strength of the multiplicative bias field (log-amplitude std).
+        Strength of the multiplicative bias field (log-amplitude std; ignored with
+        ``randomisation``).
+    randomisation
+        None (default): the original generator, unchanged (the napari sample and the bundled
+        checkpoints' data depend on it). A `DomainRandomisation`: per-subject random contrasts,
+        bias, noise type and level, blur, thick slices, gamma, deformation, brain size and
+        cortex sharpness drawn from its ranges (``params["randomisation"]`` records the draw).
 
     Returns
     -------
     Subject
-        ``data`` float32, zero outside ``brain`` (skull-stripped), with its RAS affine.
+        ``data`` float32, zero outside ``brain`` (skull-stripped), with its RAS affine. With
+        ``randomisation.thick_grid`` and a thick-slice draw, every array is on the thick grid.
     """
     rng = np.random.default_rng([int(seed), 0x5EED])
     shape, spacing = _grid(shape, spacing, rng)
+    dr = None if randomisation is None else randomisation.draw(rng)
+    if dr is not None:
+        deformation_mm = dr["deformation_mm"]
     # block-average the template when the grid is coarse so the resampling does not alias
     factor = int(max(1, np.floor(spacing.min() / 1.5)))
     tpl = _template(factor)
@@ -264,7 +429,8 @@ def healthy_subject(
     # subject anatomy = template under a random similarity-ish transform; we need its inverse
     # (world point of the subject -> template point) to pull template values onto the grid
     angles = np.deg2rad(rng.uniform(-6.0, 6.0, 3))
-    scales = rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, 3)
+    global_scale = rng.uniform(0.92, 1.08) if dr is None else dr["brain_scale"]
+    scales = global_scale * rng.uniform(0.97, 1.03, 3)
     shift = rng.uniform(-5.0, 5.0, 3)
     lin = _rotation(angles) @ np.diag(1.0 / scales)
     world_to_tpl = np.eye(4)
@@ -292,7 +458,7 @@ def healthy_subject(
     # template voxel coordinates of every box voxel: exact affine part by broadcasting, plus a
     # smooth displacement (mm in template space -> template voxels)
     axes = [np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi)]
-    ctrl = _ctrl(bshape, spacing, 30.0)
+    ctrl = _ctrl(bshape, spacing, 30.0 if dr is None else dr["deformation_every_mm"])
     coords = []
     for d in range(3):
         c = (
@@ -324,10 +490,14 @@ def healthy_subject(
     gm *= brain
     wm *= brain
     csf = np.clip(brain - gm - wm, 0.0, 1.0).astype(np.float32)
+    if dr is not None:
+        g, w, c = _sharpen([gm[box], wm[box], csf[box]], dr["sharpness"])
+        sulcal = np.float32(dr["sulci"]) * _sulcal_ridges(g, w, spacing) * g
+        gm[box], wm[box], csf[box] = g - sulcal, w, c + sulcal
 
     # FLAIR contrast relative to white matter = 1: CSF suppressed, GM brighter than WM
-    i_gm = rng.uniform(1.2, 1.45)
-    i_csf = rng.uniform(0.08, 0.3)
+    i_gm = rng.uniform(1.2, 1.45) if dr is None else dr["gm_wm"]
+    i_csf = rng.uniform(0.08, 0.3) if dr is None else dr["csf_wm"]
     params = dict(
         seed=int(seed),
         shape=list(shape),
@@ -340,7 +510,11 @@ def healthy_subject(
     g, w, c = gm[box], wm[box], csf[box]
     img = np.float32(i_gm) * g + w + np.float32(i_csf) * c
     # within-tissue texture (a few percent, ~8 mm scale): templates are too smooth otherwise
-    img *= 1.0 + np.float32(rng.uniform(0.02, 0.04)) * _smooth_field(rng, bshape, _ctrl(bshape, spacing, 8.0))
+    texture = rng.uniform(0.02, 0.04) if dr is None else dr["texture"]
+    img *= 1.0 + np.float32(texture) * _smooth_field(rng, bshape, _ctrl(bshape, spacing, 8.0))
+    if dr is not None:
+        img *= 1.0 + np.float32(dr["fine_texture"]) * _smooth_field(rng, bshape, _ctrl(bshape, spacing, 3.0))
+        return _randomised(rng, dr, img, box, brain, gm, wm, csf, out_aff, spacing, noise, params)
     # slice-profile blur along the slice axis (thicker slices = more partial volume)
     blur = rng.uniform(0.0, 0.7)
     if blur > 0.05:
@@ -361,6 +535,63 @@ def healthy_subject(
         gm=gm,
         wm=wm,
         csf=csf,
+        spacing=tuple(float(s) for s in spacing),
+        wm_level=scale,
+        noise=sigma * scale,
+        params=params,
+    )
+
+
+def _randomised(rng, dr, img, box, brain, gm, wm, csf, affine, spacing, noise, params) -> Subject:
+    """Acquisition half of a randomised subject: bias, gamma, blur, thick slices, noise, scale.
+
+    Order of a real acquisition: the object (tissue contrast, texture) is modulated by the coil
+    sensitivity (bias) and imaged with the scanner's point spread (in-plane blur, slice profile);
+    noise is added to each acquired voxel, i.e. on the thick-slice grid.
+    """
+    bshape = img.shape
+    # log-bias with zero mean and std dr["bias"] over the brain (what the measurement sees)
+    field = _smooth_field(rng, bshape, _ctrl(bshape, spacing, dr["bias_every_mm"]))
+    inside = field[brain[box]]
+    field = (field - inside.mean()) / max(float(inside.std()), 1e-6)
+    img *= np.exp(np.float32(dr["bias"]) * field)
+    # gamma relative to white matter (= 1): contrast changes keep the white-matter reference
+    img = np.power(np.maximum(img, 0.0), np.float32(np.exp(dr["log_gamma"])))
+    if dr["blur_mm"] > 0:
+        img = ndi.gaussian_filter(img, (dr["blur_mm"] / spacing[0], dr["blur_mm"] / spacing[1], 0.0))
+    clean = np.zeros(brain.shape, np.float32)
+    clean[box] = img
+    clean *= brain
+    thick = None
+    if dr["thick"] and dr["slice_thickness_mm"] > spacing[2]:
+        clean, thick = thick_slices(clean, spacing[2], dr["slice_thickness_mm"])
+    sigma = float(dr["noise"] if noise is None else noise)
+    data = _rician(rng, clean, sigma) if dr["rician"] else np.maximum(
+        clean + np.float32(sigma) * rng.standard_normal(clean.shape, dtype=np.float32), 0.0)
+    maps = [brain.astype(np.float32), gm, wm, csf]
+    if thick is not None and dr["thick_grid"]:
+        maps = [thick_slices(m, spacing[2], dr["slice_thickness_mm"])[0] for m in maps]
+        affine = affine @ thick
+        spacing = np.array([spacing[0], spacing[1], spacing[2] * thick[2, 2]])
+    elif thick is not None:
+        data = _thin_from_thick(data, thick, brain.shape[2])
+    brain = maps[0] > 0.5
+    scale = float(rng.uniform(300.0, 1500.0))  # arbitrary scanner units
+    data = (data * np.float32(scale)) * brain
+    params.update(
+        noise=sigma, intensity_scale=scale,
+        randomisation={k: (float(v) if not isinstance(v, bool) else v) for k, v in dr.items()},
+        slice_thickness_mm=float(dr["slice_thickness_mm"]) if thick is not None else None,
+    )
+    params["spacing"] = [float(s) for s in spacing]
+    params["shape"] = list(data.shape)
+    return Subject(
+        data=data.astype(np.float32),
+        affine=affine,
+        brain=brain,
+        gm=maps[1] * brain,
+        wm=maps[2] * brain,
+        csf=maps[3] * brain,
         spacing=tuple(float(s) for s in spacing),
         wm_level=scale,
         noise=sigma * scale,
@@ -451,16 +682,46 @@ def _irregular(rng, q: np.ndarray, spacing, amount: float, every_mm: float = 6.0
     return q + np.float32(amount) * _smooth_field(rng, q.shape, _ctrl(q.shape, spacing, every_mm))
 
 
-def _ms(cv: _Canvas, rng: np.random.Generator, n: int) -> None:
-    """Small ovoid hyperintense white-matter lesions, periventricular or deep."""
+@dataclass(frozen=True)
+class MSLesions:
+    """Where MS-like lesions go and how big they are (longest diameter, mm).
+
+    Each lesion is periventricular (white matter 1.5-8 mm from a ventricle) with probability
+    ``periventricular``, juxtacortical (white matter touching the cortex) with probability
+    ``juxtacortical``, and deep white matter otherwise. `SAMPLE_MS_LESIONS` is the original model
+    (the napari sample's lesions); the defaults here follow the clinical description of MS
+    lesions (3-15 mm, periventricular and juxtacortical predilection).
+    """
+
+    diameter_mm: tuple[float, float] = (3.0, 15.0)
+    periventricular: float = 0.45
+    juxtacortical: float = 0.3
+
+
+#: The generator's original MS lesions (3-10 mm, periventricular or deep), used by default by
+#: `add_anomalies` so that the napari sample stays the same volume.
+SAMPLE_MS_LESIONS = MSLesions(diameter_mm=(3.0, 10.0), periventricular=0.6, juxtacortical=0.0)
+
+
+def _ms(cv: _Canvas, rng: np.random.Generator, n: int, model: MSLesions = SAMPLE_MS_LESIONS) -> None:
+    """Small ovoid hyperintense white-matter lesions: periventricular, juxtacortical or deep."""
     s_wm, s_csf = cv.strided(cv.wm), cv.strided(cv.csf)
     # ventricles: CSF well inside the brain (sulcal CSF lies near the surface)
     vent = (s_csf > 0.5) & (cv.depth > 15.0)
     vdist = ndi.distance_transform_edt(~vent, sampling=cv.spacing * cv.stride) if vent.any() else None
+    cortex_dist = None
+    if model.juxtacortical > 0:
+        cortex = (np.clip(1.0 - s_wm - s_csf, 0.0, 1.0) > 0.5) & cv.strided(cv.brain) & (cv.depth < 12.0)
+        if cortex.any():
+            cortex_dist = ndi.distance_transform_edt(~cortex, sampling=cv.spacing * cv.stride)
     lab = KIND_LABELS["ms"]
     for _ in range(n):
-        if vdist is not None and rng.random() < 0.6:
+        # one draw picks the site: [0, pv) periventricular, [pv, pv + jc) juxtacortical, else deep
+        u = rng.random() if (vdist is not None or model.juxtacortical > 0) else 1.0
+        if vdist is not None and u < model.periventricular:
             cand = (s_wm > 0.7) & (vdist > 1.5) & (vdist < 8.0)
+        elif cortex_dist is not None and model.periventricular <= u < model.periventricular + model.juxtacortical:
+            cand = (s_wm > 0.5) & (cortex_dist <= 2.0 * cv.spacing.max() * cv.stride)
         else:
             cand = (s_wm > 0.85) & (cv.depth > 10.0)
         c = cv.pick(rng, cand)
@@ -468,7 +729,7 @@ def _ms(cv: _Canvas, rng: np.random.Generator, n: int) -> None:
             c = cv.pick(rng, (s_wm > 0.5) & (cv.depth > 3.0))
         if c is None:
             continue
-        a = rng.uniform(1.5, 5.0)
+        a = rng.uniform(model.diameter_mm[0] / 2.0, model.diameter_mm[1] / 2.0)
         axes = np.array([a, a * rng.uniform(0.45, 0.9), a * rng.uniform(0.45, 0.9)])
         # at coarse resolution a lesion must still cover at least a voxel or two
         axes = np.maximum(axes, 0.75 * cv.spacing.max())
@@ -620,15 +881,20 @@ def _foreign_patch(cv: _Canvas, rng: np.random.Generator, donor: np.ndarray) -> 
     cv.labels[sl][alpha >= 0.5] = KIND_LABELS["foreign_patch"]
 
 
-def _tissue_from_intensity(data: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rough WM and CSF maps from FLAIR intensities (3-class 1-D k-means: CSF < WM < GM)."""
-    vals = data[brain]
+def _kmeans3(vals: np.ndarray) -> np.ndarray:
+    """Centres of a 3-class 1-D k-means of intensities (dark < middle < bright), seeded subsample."""
     rng = np.random.default_rng(0)
     sample = vals if vals.size <= 200_000 else rng.choice(vals, 200_000, replace=False)
     centres = np.percentile(sample, [5.0, 50.0, 95.0])
     for _ in range(20):
         assign = np.argmin(np.abs(sample[:, None] - centres[None]), axis=1)
         centres = np.array([sample[assign == k].mean() if np.any(assign == k) else centres[k] for k in range(3)])
+    return centres
+
+
+def _tissue_from_intensity(data: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rough WM and CSF maps from FLAIR intensities (3-class 1-D k-means: CSF < WM < GM)."""
+    centres = _kmeans3(data[brain])
     edges = (centres[:-1] + centres[1:]) / 2.0
     csf = (data < edges[0]) & brain
     wm = (data >= edges[0]) & (data < edges[1]) & brain
@@ -655,6 +921,7 @@ def add_anomalies(
     affine: np.ndarray | None = None,
     counts: dict[str, int] | None = None,
     donor: np.ndarray | Subject | None = None,
+    ms_lesions: MSLesions = SAMPLE_MS_LESIONS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Insert synthetic anomalies into a copy of a volume.
 
@@ -678,6 +945,9 @@ def add_anomalies(
     donor
         Volume supplying the ``foreign_patch`` (another subject, zero outside its brain, same voxel
         size ideally); default a new synthetic subject on the same grid (costs one healthy volume).
+    ms_lesions
+        Sites and sizes of the ``ms`` lesions; the default is the original model
+        (`SAMPLE_MS_LESIONS`), ``MSLesions()`` adds juxtacortical lesions and sizes up to 15 mm.
 
     Returns
     -------
@@ -732,7 +1002,7 @@ def add_anomalies(
     n.update(counts or {})
     for kind in kinds:
         if kind == "ms":
-            _ms(cv, rng, n["ms"])
+            _ms(cv, rng, n["ms"], ms_lesions)
             continue
         for _ in range(n.get(kind, 1)):
             if kind == "tumour":
@@ -747,6 +1017,99 @@ def add_anomalies(
                 _foreign_patch(cv, rng, donor.data if isinstance(donor, Subject) else np.asarray(donor))
     cv.labels[~brain] = 0
     return cv.data, cv.labels
+
+
+# ----------------------------------------------------------------------------- FLAIR statistics
+
+
+@dataclass(frozen=True)
+class FlairStatistics:
+    """Intensity statistics of a FLAIR brain, as measured for ``docs/synthetic.md``.
+
+    Intensities are normalised as the project's preprocessing does (brain 0.5-99.5th percentile
+    window, `napari_tae.preprocess.fit_normalisation`) on a 1 mm in-plane grid; the three classes
+    are a 1-D k-means of the brain's intensities (dark = CSF and its partial volume, middle = white
+    matter, bright = grey matter), so real and synthetic volumes are measured the same way without
+    a segmentation.
+    """
+
+    csf: float  # class centres, normalised intensity
+    wm: float
+    gm: float
+    gm_wm: float  # grey / white matter centre ratio
+    csf_wm: float  # CSF / white matter centre ratio
+    wm_spread: float  # robust std (1.4826 MAD) of the white-matter class / its centre
+    noise: float  # native-grid in-plane neighbour-difference MAD / sqrt(2) in white matter / its level
+    edge: float  # 90th percentile of the in-plane gradient magnitude (1 mm Gaussian), per mm
+    bias: float  # std over the brain of a quadratic fit to the log raw white-matter intensity
+    median: float  # median normalised brain intensity
+    brain_ml: float
+
+
+def flair_statistics(data: np.ndarray, brain: np.ndarray, spacing) -> FlairStatistics:
+    """Measure `FlairStatistics` of one volume (NIfTI order, slice axis last) inside `brain`.
+
+    Apart from the noise (measured on the native grid, see `_relative_noise`), the volume is first
+    resampled to 1 mm in-plane (linear; the slice axis is kept) so that edges and spreads are
+    compared at one scale whatever the scanner's pixel size.
+    """
+    from napari_tae.preprocess import fit_normalisation, normalise
+
+    spacing = np.broadcast_to(np.asarray(spacing, float), (3,))
+    brain = np.asarray(brain, bool)
+    brain_ml = float(brain.sum() * np.prod(spacing) / 1000.0)
+    noise = _relative_noise(np.asarray(data, np.float32), brain)
+    zoom = (spacing[0], spacing[1], 1.0)
+    data = ndi.zoom(np.asarray(data, np.float32), zoom, order=1, grid_mode=True, mode="grid-constant")
+    brain = ndi.zoom(brain.astype(np.float32), zoom, order=1, grid_mode=True, mode="grid-constant") > 0.5
+    x = normalise(data, brain, fit_normalisation(data, brain))
+    vals = x[brain]
+    csf, wm, gm = _kmeans3(vals)
+    edges = (np.array([csf, wm]) + np.array([wm, gm])) / 2.0
+    wm_class = brain & (x >= edges[0]) & (x < edges[1])
+    wm_vals = x[wm_class]
+    spread = 1.4826 * np.median(np.abs(wm_vals - np.median(wm_vals))) / wm
+    smooth = ndi.gaussian_filter(x, (1.0, 1.0, 0.0))
+    grad = np.hypot(ndi.sobel(smooth, axis=0) / 8.0, ndi.sobel(smooth, axis=1) / 8.0)
+    # 3 mm inside the brain: the mask's own border is not an anatomical edge
+    inner = ndi.binary_erosion(brain, np.ones((7, 7, 1), bool))
+    edge = float(np.percentile(grad[inner], 90.0))
+    idx = np.argwhere(wm_class)
+    if len(idx) > 50_000:
+        idx = idx[np.random.default_rng(0).choice(len(idx), 50_000, replace=False)]
+    centre = np.argwhere(brain).mean(0)
+    scale = np.array([1.0, 1.0, spacing[2]]) / 50.0  # mm / 50 mm: well-conditioned design
+    design = _quadratic_design((idx - centre) * scale)
+    # on the raw intensities: the bias multiplies them, the normalisation's offset would not
+    level = np.log(np.maximum(data[tuple(idx.T)], 1e-6 * float(data[brain].max())))
+    coef, *_ = np.linalg.lstsq(design, level, rcond=None)
+    bidx = np.argwhere(brain)[:: max(1, int(brain.sum()) // 50_000)]
+    bias = float(np.std(_quadratic_design((bidx - centre) * scale) @ coef))
+    return FlairStatistics(
+        csf=float(csf), wm=float(wm), gm=float(gm), gm_wm=float(gm / wm), csf_wm=float(csf / wm),
+        wm_spread=float(spread), noise=float(noise), edge=edge, bias=bias,
+        median=float(np.median(vals)), brain_ml=brain_ml,
+    )
+
+
+def _relative_noise(data: np.ndarray, brain: np.ndarray) -> float:
+    """Noise sigma / white-matter level on the native grid (resampling would filter the noise).
+
+    Neighbour differences along the first in-plane axis inside the eroded white-matter class of
+    the brain's 3-class k-means; their MAD / sqrt(2) is the per-voxel sigma when the noise is
+    independent between neighbours.
+    """
+    centres = _kmeans3(data[brain])
+    edges = (centres[:-1] + centres[1:]) / 2.0
+    core = ndi.binary_erosion(brain & (data >= edges[0]) & (data < edges[1]), np.ones((3, 3, 1), bool))
+    diff = np.diff(data, axis=0)[core[1:] & core[:-1]]
+    return float(1.4826 * np.median(np.abs(diff - np.median(diff))) / np.sqrt(2.0) / centres[1])
+
+
+def _quadratic_design(p: np.ndarray) -> np.ndarray:
+    """Columns 1, x, y, z, x^2, y^2, z^2, xy, xz, yz of points p (n, 3)."""
+    x, y, z = p.T
+    return np.stack([np.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z], 1)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -781,6 +1144,8 @@ def write_dataset(
     kinds_per_case: int = 1,
     n_test_healthy: int = 0,
     overwrite: bool = False,
+    randomisation: DomainRandomisation | None = None,
+    ms_lesions: MSLesions | None = None,
 ) -> dict:
     """Write a synthetic dataset of NIfTI volumes with a JSON manifest.
 
@@ -804,6 +1169,13 @@ def write_dataset(
         Grid options passed to `healthy_subject` (None: jittered 1-1.3 mm voxels).
     overwrite
         Allow writing into a folder that already holds a manifest.
+    randomisation
+        Domain randomisation of every volume (`healthy_subject`); None writes the original
+        generator's volumes. ``python -m training synth`` passes ``DomainRandomisation()`` unless
+        told ``--no-domain-randomisation``.
+    ms_lesions
+        MS-like lesion model of the test cases; None: ``MSLesions()`` (3-15 mm, periventricular,
+        juxtacortical, deep) with ``randomisation``, the original `SAMPLE_MS_LESIONS` without.
 
     Returns
     -------
@@ -841,7 +1213,11 @@ def write_dataset(
         "test": [],
         "test_healthy": [],
     }
-    grid = dict(shape=shape, spacing=spacing)
+    grid = {"shape": shape, "spacing": spacing, "randomisation": randomisation}
+    if ms_lesions is None:
+        ms_lesions = SAMPLE_MS_LESIONS if randomisation is None else MSLesions()
+    manifest["randomisation"] = None if randomisation is None else asdict(randomisation)
+    manifest["ms_lesions"] = asdict(ms_lesions)
     for split, key, n, folder in ((0, "train", n_train, "train"), (1, "val", n_val, "val"),
                                   (3, "test_healthy", n_test_healthy, "test_healthy")):
         for i in range(n):
@@ -852,7 +1228,14 @@ def write_dataset(
     for i in range(n_test):
         sub = healthy_subject(_sub_seed(seed, 2, i), **grid)
         case_kinds = [kinds[(i * kinds_per_case + j) % len(kinds)] for j in range(kinds_per_case)]
-        data, labels = add_anomalies(sub, _sub_seed(seed, 4, i), tuple(dict.fromkeys(case_kinds)))
+        donor = None
+        if randomisation is not None and "foreign_patch" in case_kinds:
+            # another subject on this grid, from another "scanner"; already on the final grid,
+            # so no second thick-slice pass
+            donor = healthy_subject(_sub_seed(seed, 5, i), shape=sub.data.shape, spacing=sub.spacing,
+                                    randomisation=replace(randomisation, thick_slice_probability=0.0))
+        data, labels = add_anomalies(sub, _sub_seed(seed, 4, i), tuple(dict.fromkeys(case_kinds)),
+                                     donor=donor, ms_lesions=ms_lesions)
         name = f"case_{i:03d}.nii.gz"
         files = {
             "image": _save_nifti(data, sub.affine, dirs["test_images"] / name),

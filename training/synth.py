@@ -2,6 +2,8 @@
 
 A thin command line over :func:`napari_tae.synthetic.write_dataset`; see its docstring for the
 folder layout (``train/``, ``val/``, ``test/{images,labels,kinds,masks,healthy}/``, manifest).
+Domain randomisation (``napari_tae.synthetic.DomainRandomisation``, docs/synthetic.md) is on by
+default; ``--no-domain-randomisation`` writes the original generator's volumes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                        help="anomaly kinds, taken in turn by the test cases")
     group.add_argument("--kinds-per-case", type=int, default=1)
+    group = parser.add_argument_group(
+        "domain randomisation",
+        "per-subject random contrast, bias, noise, blur, thick slices, gamma, deformation, brain size "
+        "and cortex sharpness around the ranges measured on real FLAIR (docs/synthetic.md)")
+    group.add_argument("--domain-randomisation", action=argparse.BooleanOptionalAction, default=True,
+                       help="randomise every volume (default: on); --no-domain-randomisation writes the "
+                            "original generator's volumes (the bundled checkpoints' training data)")
+    group.add_argument("--slice-thickness", type=float, nargs=2, metavar=("MIN", "MAX"),
+                       help="thick-slice range in mm (default 2 5)")
+    group.add_argument("--thick-slice-probability", type=float, metavar="P",
+                       help="fraction of volumes acquired in thick slices (default 0.7)")
+    group.add_argument("--thick-grid", action="store_true",
+                       help="write thick-slice volumes on their own grid (default: interpolated back onto "
+                            "the thin grid, so every volume has --shape)")
+    group.add_argument("--ms-lesions", choices=("clinical", "sample"),
+                       help="MS-like test lesions: 'clinical' 3-15 mm periventricular, juxtacortical and "
+                            "deep; 'sample' the original 3-10 mm model (default: clinical with domain "
+                            "randomisation, sample without)")
     parser.add_argument("--overwrite", action="store_true", help="write into a folder holding a dataset")
     return parser
 
@@ -53,13 +73,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shape must be at least 16 voxels per axis, got {args.shape}")
     spacing = None if args.spacing is None else (args.spacing[0] if len(args.spacing) == 1
                                                  else tuple(args.spacing))
-    from napari_tae.synthetic import write_dataset
+    randomisation_options = (args.slice_thickness, args.thick_slice_probability, args.thick_grid or None)
+    if not args.domain_randomisation and any(o is not None for o in randomisation_options):
+        parser.error("--slice-thickness, --thick-slice-probability and --thick-grid need domain randomisation")
+    if args.slice_thickness is not None and not 0 < args.slice_thickness[0] <= args.slice_thickness[1]:
+        parser.error(f"--slice-thickness needs 0 < MIN <= MAX, got {args.slice_thickness}")
+    if args.thick_slice_probability is not None and not 0 <= args.thick_slice_probability <= 1:
+        parser.error(f"--thick-slice-probability must be in [0, 1], got {args.thick_slice_probability}")
+    from napari_tae.synthetic import (
+        SAMPLE_MS_LESIONS,
+        DomainRandomisation,
+        MSLesions,
+        write_dataset,
+    )
 
+    randomisation = None
+    if args.domain_randomisation:
+        overrides = {}
+        if args.slice_thickness is not None:
+            overrides["slice_thickness_mm"] = tuple(args.slice_thickness)
+        if args.thick_slice_probability is not None:
+            overrides["thick_slice_probability"] = args.thick_slice_probability
+        randomisation = DomainRandomisation(thick_grid=args.thick_grid, **overrides)
+    ms_lesions = {None: None, "clinical": MSLesions(), "sample": SAMPLE_MS_LESIONS}[args.ms_lesions]
     try:
         paths = write_dataset(args.out, args.n_train, args.n_val, args.n_test, args.seed,
                               shape=tuple(args.shape) if args.shape else None, spacing=spacing,
                               kinds=tuple(args.kinds), kinds_per_case=args.kinds_per_case,
-                              n_test_healthy=args.n_test_healthy, overwrite=args.overwrite)
+                              n_test_healthy=args.n_test_healthy, overwrite=args.overwrite,
+                              randomisation=randomisation, ms_lesions=ms_lesions)
     except (FileExistsError, ValueError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     _logger.info("wrote %d train, %d val, %d test (+%d healthy) volumes; manifest %s",
