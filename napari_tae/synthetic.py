@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_tae._atomic import atomic_path, write_text_atomic
+from napari_tae.preprocess import fit_normalisation, normalise
 
 __all__ = [
     "KINDS",
@@ -272,7 +273,7 @@ class DomainRandomisation:
     #: probability of Rician (magnitude) noise; Gaussian noise clipped at 0 otherwise
     rician_probability: float = 0.5
     #: in-plane Gaussian blur sigma, mm (reconstruction filters, motion)
-    blur_mm: tuple[float, float] = (0.0, 0.8)
+    blur_mm: tuple[float, float] = (0.2, 1.2)
     #: probability of a thick-slice acquisition and its slice thickness in mm (clinical 3-4 mm)
     thick_slice_probability: float = 0.7
     slice_thickness_mm: tuple[float, float] = (2.0, 5.0)
@@ -358,15 +359,19 @@ def _sharpen(maps: list[np.ndarray], k: float) -> list[np.ndarray]:
     return [p * scale for p in powered]
 
 
-def _sulcal_ridges(gm: np.ndarray, wm: np.ndarray, spacing) -> np.ndarray:
-    """Grey-matter voxels farthest from white matter between two banks: where sulci run.
+def _sulcal_ridges(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray, spacing) -> np.ndarray:
+    """Cortical grey-matter voxels farthest from white matter between two banks: where sulci run.
 
     The averaged template has the cortical ribbon but hardly any sulcal CSF. Within grey matter,
     the distance to white matter peaks midway between the white-matter cores of two gyri, i.e. on
-    the sulcal fundus and walls; those ridge voxels become CSF.
+    the sulcal fundus and walls; those ridge voxels become CSF. Only within 20 mm of the brain's
+    surface: the same ridges inside the deep grey nuclei would be dark dots no FLAIR shows.
     """
     dist = ndi.distance_transform_edt(wm < 0.5, sampling=spacing).astype(np.float32)
     ridge = (dist >= ndi.maximum_filter(dist, size=3)) & (gm > 0.5) & (dist > 1.0)
+    # depth on a 2x coarser grid: a distance map of the whole box costs more than the rest
+    coarse = ndi.distance_transform_edt(brain[::2, ::2, ::2], sampling=np.asarray(spacing) * 2)
+    ridge &= coarse[np.ix_(*(np.arange(n) // 2 for n in ridge.shape))] < 20.0
     return ndi.gaussian_filter(ridge.astype(np.float32), 0.5)
 
 
@@ -492,7 +497,7 @@ def healthy_subject(
     csf = np.clip(brain - gm - wm, 0.0, 1.0).astype(np.float32)
     if dr is not None:
         g, w, c = _sharpen([gm[box], wm[box], csf[box]], dr["sharpness"])
-        sulcal = np.float32(dr["sulci"]) * _sulcal_ridges(g, w, spacing) * g
+        sulcal = np.float32(dr["sulci"]) * _sulcal_ridges(g, w, brain[box], spacing) * g
         gm[box], wm[box], csf[box] = g - sulcal, w, c + sulcal
 
     # FLAIR contrast relative to white matter = 1: CSF suppressed, GM brighter than WM
@@ -1053,8 +1058,6 @@ def flair_statistics(data: np.ndarray, brain: np.ndarray, spacing) -> FlairStati
     resampled to 1 mm in-plane (linear; the slice axis is kept) so that edges and spreads are
     compared at one scale whatever the scanner's pixel size.
     """
-    from napari_tae.preprocess import fit_normalisation, normalise
-
     spacing = np.broadcast_to(np.asarray(spacing, float), (3,))
     brain = np.asarray(brain, bool)
     brain_ml = float(brain.sum() * np.prod(spacing) / 1000.0)

@@ -500,3 +500,10 @@ def test_synth_command_line_options(tmp_path, capsys):
             synth.main(["--out", str(tmp_path / "bad"), *common, *grid, *bad])
         assert exc.value.code == 2
         assert re.search(message, capsys.readouterr().err), bad
+
+
+def test_randomisation_rejects_inverted_ranges():
+    with pytest.raises(ValueError, match="noise: low 0.05 > high 0.01"):
+        syn.healthy_subject(0, shape=SHAPE, randomisation=syn.DomainRandomisation(noise=(0.05, 0.01)))
+    with pytest.raises(ValueError, match="exceeds the field of view"):
+        syn.thick_slices(np.zeros((2, 2, 3), np.float32), 1.0, 4.0)

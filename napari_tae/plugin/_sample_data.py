@@ -36,7 +36,8 @@ def sample_arrays(seed: int = SAMPLE_SEED) -> tuple[np.ndarray, np.ndarray, np.n
     of them even from a perfect residual (Dice ceiling about 0.2 at this grid). The sample
     therefore adds one tumour-like mass (oedema, heterogeneous core) beside the MS lesions, so
     that what a model detects at default settings is visible. Same generator, same grid as the
-    bundled checkpoints' training volumes (``python -m training synth --shape 132 156 126``).
+    bundled checkpoints' training volumes (``python -m training synth --shape 132 156 126
+    --no-domain-randomisation``).
     """
     from napari_tae.synthetic import KIND_LABELS, add_anomalies, healthy_subject
 
