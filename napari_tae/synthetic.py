@@ -293,6 +293,8 @@ class DomainRandomisation:
     #: depth of the sulcal CSF drawn into the cortex (fraction of grey matter turned to CSF on
     #: the sulcal ridges); the averaged template has almost no visible sulci
     sulci: tuple[float, float] = (0.4, 0.9)
+    #: brightening of the thin periventricular rim that normal FLAIR shows (at the wall)
+    ventricle_rim: tuple[float, float] = (0.0, 0.3)
 
     def draw(self, rng: np.random.Generator) -> dict:
         """One subject's values (the keys of this dataclass, plus ``thick``/``rician`` booleans)."""
@@ -359,20 +361,46 @@ def _sharpen(maps: list[np.ndarray], k: float) -> list[np.ndarray]:
     return [p * scale for p in powered]
 
 
-def _sulcal_ridges(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray, spacing) -> np.ndarray:
+def _depth(brain: np.ndarray, spacing) -> np.ndarray:
+    """Distance to the outside of the brain in mm, on a 2x coarser grid read back by nearest voxel.
+
+    Placement only needs a few mm of accuracy, and a full-resolution distance map of the box costs
+    more than the rest of a subject.
+    """
+    coarse = ndi.distance_transform_edt(brain[::2, ::2, ::2], sampling=np.asarray(spacing) * 2)
+    return coarse[np.ix_(*(np.arange(n) // 2 for n in brain.shape))].astype(np.float32)
+
+
+def _sulcal_ridges(gm: np.ndarray, wm: np.ndarray, depth: np.ndarray, spacing) -> np.ndarray:
     """Cortical grey-matter voxels farthest from white matter between two banks: where sulci run.
 
     The averaged template has the cortical ribbon but hardly any sulcal CSF. Within grey matter,
     the distance to white matter peaks midway between the white-matter cores of two gyri, i.e. on
-    the sulcal fundus and walls; those ridge voxels become CSF. Only within 20 mm of the brain's
-    surface: the same ridges inside the deep grey nuclei would be dark dots no FLAIR shows.
+    the sulcal fundus and walls; those ridge voxels become CSF. Sulci are sheets reaching in from
+    the surface: ridges deeper than 15 mm or in small pieces (the deep grey nuclei, the insula)
+    would be dark dots that no FLAIR shows, and are dropped.
     """
     dist = ndi.distance_transform_edt(wm < 0.5, sampling=spacing).astype(np.float32)
-    ridge = (dist >= ndi.maximum_filter(dist, size=3)) & (gm > 0.5) & (dist > 1.0)
-    # depth on a 2x coarser grid: a distance map of the whole box costs more than the rest
-    coarse = ndi.distance_transform_edt(brain[::2, ::2, ::2], sampling=np.asarray(spacing) * 2)
-    ridge &= coarse[np.ix_(*(np.arange(n) // 2 for n in ridge.shape))] < 20.0
+    ridge = (dist >= ndi.maximum_filter(dist, size=3)) & (gm > 0.5) & (dist > 1.0) & (depth < 15.0)
+    labels, n = ndi.label(ridge, np.ones((3, 3, 3), bool))
+    if n:
+        sizes = np.bincount(labels.ravel())
+        min_voxels = 20.0 / float(np.prod(spacing))  # 20 mm^3
+        ridge = (sizes >= min_voxels)[labels] & ridge
     return ndi.gaussian_filter(ridge.astype(np.float32), 0.5)
+
+
+def _ventricle_rim(csf: np.ndarray, depth: np.ndarray, spacing) -> np.ndarray:
+    """Thin band (about 1.5 mm) of tissue lining the ventricles, 1 at the wall.
+
+    Normal FLAIR shows a bright periventricular rim (ependyma, CSF flow); a model trained without
+    it takes every ventricle border of a real scan for an anomaly.
+    """
+    ventricles = (csf > 0.5) & (depth > 15.0)
+    if not ventricles.any():
+        return np.zeros(csf.shape, np.float32)
+    dist = ndi.distance_transform_edt(~ventricles, sampling=spacing).astype(np.float32)
+    return np.exp(-((dist / np.float32(1.5)) ** 2)) * (csf < 0.5)
 
 
 def healthy_subject(
@@ -497,7 +525,8 @@ def healthy_subject(
     csf = np.clip(brain - gm - wm, 0.0, 1.0).astype(np.float32)
     if dr is not None:
         g, w, c = _sharpen([gm[box], wm[box], csf[box]], dr["sharpness"])
-        sulcal = np.float32(dr["sulci"]) * _sulcal_ridges(g, w, brain[box], spacing) * g
+        depth = _depth(brain[box], spacing)
+        sulcal = np.float32(dr["sulci"]) * _sulcal_ridges(g, w, depth, spacing) * g
         gm[box], wm[box], csf[box] = g - sulcal, w, c + sulcal
 
     # FLAIR contrast relative to white matter = 1: CSF suppressed, GM brighter than WM
@@ -514,6 +543,8 @@ def healthy_subject(
     )
     g, w, c = gm[box], wm[box], csf[box]
     img = np.float32(i_gm) * g + w + np.float32(i_csf) * c
+    if dr is not None:
+        img *= 1.0 + np.float32(dr["ventricle_rim"]) * _ventricle_rim(c, depth, spacing)
     # within-tissue texture (a few percent, ~8 mm scale): templates are too smooth otherwise
     texture = rng.uniform(0.02, 0.04) if dr is None else dr["texture"]
     img *= 1.0 + np.float32(texture) * _smooth_field(rng, bshape, _ctrl(bshape, spacing, 8.0))
@@ -547,7 +578,20 @@ def healthy_subject(
     )
 
 
-def _randomised(rng, dr, img, box, brain, gm, wm, csf, affine, spacing, noise, params) -> Subject:
+def _randomised(
+    rng: np.random.Generator,
+    dr: dict,
+    img: np.ndarray,
+    box: tuple[slice, ...],
+    brain: np.ndarray,
+    gm: np.ndarray,
+    wm: np.ndarray,
+    csf: np.ndarray,
+    affine: np.ndarray,
+    spacing: np.ndarray,
+    noise: float | None,
+    params: dict,
+) -> Subject:
     """Acquisition half of a randomised subject: bias, gamma, blur, thick slices, noise, scale.
 
     Order of a real acquisition: the object (tissue contrast, texture) is modulated by the coil
@@ -1051,7 +1095,7 @@ class FlairStatistics:
     brain_ml: float
 
 
-def flair_statistics(data: np.ndarray, brain: np.ndarray, spacing) -> FlairStatistics:
+def flair_statistics(data: np.ndarray, brain: np.ndarray, spacing: float | tuple[float, ...]) -> FlairStatistics:
     """Measure `FlairStatistics` of one volume (NIfTI order, slice axis last) inside `brain`.
 
     Apart from the noise (measured on the native grid, see `_relative_noise`), the volume is first

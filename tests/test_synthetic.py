@@ -229,7 +229,7 @@ def test_plain_array_without_geometry_warns(subject):
 #: every randomisation off: what is left is the anatomy and the FLAIR contrast
 QUIET = syn.DomainRandomisation(
     texture=(0.0, 0.0), fine_texture=(0.0, 0.0), bias=(0.0, 0.0), noise=(0.0, 0.0), blur_mm=(0.0, 0.0),
-    thick_slice_probability=0.0, log_gamma=(0.0, 0.0), deformation_mm=(0.0, 0.0),
+    thick_slice_probability=0.0, log_gamma=(0.0, 0.0), deformation_mm=(0.0, 0.0), ventricle_rim=(0.0, 0.0),
 )
 
 
@@ -500,6 +500,18 @@ def test_synth_command_line_options(tmp_path, capsys):
             synth.main(["--out", str(tmp_path / "bad"), *common, *grid, *bad])
         assert exc.value.code == 2
         assert re.search(message, capsys.readouterr().err), bad
+
+
+def test_periventricular_rim_brightens_only_the_ventricle_walls():
+    plain = syn.healthy_subject(3, shape=(96, 112, 96), randomisation=QUIET)
+    rim = syn.healthy_subject(3, shape=(96, 112, 96), randomisation=replace(QUIET, ventricle_rim=(0.3, 0.3)))
+    inside = plain.data > 0
+    ratio = rim.data[inside] / plain.data[inside]
+    assert ratio.min() > 1 - 1e-5 and ratio.max() < 1.3 + 1e-4
+    # a 1.5 mm band seen on 2 mm voxels: the first tissue voxel is about one voxel from the wall
+    assert ratio.max() > 1 + 0.3 * np.exp(-((max(plain.spacing) / 1.5) ** 2)) - 0.01
+    near_csf = ndi.distance_transform_edt(plain.csf < 0.5, sampling=plain.spacing) <= 4.0
+    assert np.all(near_csf[inside][ratio > 1.01])
 
 
 def test_randomisation_rejects_inverted_ranges():
