@@ -274,7 +274,8 @@ class DomainRandomisation:
     rician_probability: float = 0.5
     #: in-plane Gaussian blur sigma, mm (reconstruction filters, motion)
     blur_mm: tuple[float, float] = (0.2, 1.2)
-    #: probability of a thick-slice acquisition and its slice thickness in mm (clinical 3-4 mm)
+    #: probability of a thick-slice acquisition and its slice thickness in mm (clinical 3-4 mm);
+    #: a thickness not above the grid's slice spacing leaves the volume as it is
     thick_slice_probability: float = 0.7
     slice_thickness_mm: tuple[float, float] = (2.0, 5.0)
     #: thick slices: True returns the thick-slice grid (its own affine), False the volume
