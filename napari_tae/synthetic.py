@@ -739,18 +739,22 @@ class MSLesions:
     Each lesion is periventricular (white matter 1.5-8 mm from a ventricle) with probability
     ``periventricular``, juxtacortical (white matter touching the cortex) with probability
     ``juxtacortical``, and deep white matter otherwise. `SAMPLE_MS_LESIONS` is the original model
-    (the napari sample's lesions); the defaults here follow the clinical description of MS
-    lesions (3-15 mm, periventricular and juxtacortical predilection).
+    (the napari sample's lesions: 3-10 mm, 1.4-1.9 x white matter, which mostly saturates the
+    normalisation window); the defaults here follow the clinical description of MS lesions
+    (3-15 mm, periventricular and juxtacortical predilection) with real-like intensities.
     """
 
     diameter_mm: tuple[float, float] = (3.0, 15.0)
     periventricular: float = 0.45
     juxtacortical: float = 0.3
+    #: lesion core intensity relative to the surrounding white matter; from subtle to bright (the
+    #: real MS case's lesion voxels: median 1.45, 10-90 % 1.23-1.74, see docs/synthetic.md)
+    intensity: tuple[float, float] = (1.2, 1.7)
 
 
 #: The generator's original MS lesions (3-10 mm, periventricular or deep), used by default by
 #: `add_anomalies` so that the napari sample stays the same volume.
-SAMPLE_MS_LESIONS = MSLesions(diameter_mm=(3.0, 10.0), periventricular=0.6, juxtacortical=0.0)
+SAMPLE_MS_LESIONS = MSLesions(diameter_mm=(3.0, 10.0), periventricular=0.6, juxtacortical=0.0, intensity=(1.4, 1.9))
 
 
 def _ms(cv: _Canvas, rng: np.random.Generator, n: int, model: MSLesions = SAMPLE_MS_LESIONS) -> None:
@@ -786,7 +790,7 @@ def _ms(cv: _Canvas, rng: np.random.Generator, n: int, model: MSLesions = SAMPLE
         sl, rel = cv.box(c, 1.3 * axes.max())
         q = _ellipsoid_q(rng, rel, axes)
         alpha = (1.0 - _smoothstep(0.75, 1.25, q)) * cv.brain[sl] * (cv.csf[sl] < 0.5)
-        target = rng.uniform(1.4, 1.9) * cv.local_level(sl)
+        target = rng.uniform(*model.intensity) * cv.local_level(sl)
         cv.paint(rng, sl, alpha, target)
         cv.labels[sl][alpha >= 0.5] = lab
 

@@ -434,13 +434,17 @@ def test_clinical_ms_lesions_sizes_and_sites():
     model = syn.MSLesions()
     sites = {"periventricular": syn.MSLesions(periventricular=1.0, juxtacortical=0.0),
              "juxtacortical": syn.MSLesions(periventricular=0.0, juxtacortical=1.0)}
-    extents = []
+    extents, contrast = [], []
+    wm_level = np.median(sub.data[sub.wm > 0.9])
     for seed in range(12):
-        _, labels = syn.add_anomalies(sub, seed, ("ms",), counts={"ms": 1}, ms_lesions=model)
+        data, labels = syn.add_anomalies(sub, seed, ("ms",), counts={"ms": 1}, ms_lesions=model)
         idx = np.argwhere(labels == syn.KIND_LABELS["ms"])
         assert len(idx), seed
         extents.append(((idx.max(0) - idx.min(0) + 1) * spacing).max())
+        contrast.append(np.max(ndi.uniform_filter(data, 3)[labels > 0]) / wm_level)  # noise-averaged core
     assert min(extents) >= 3.0 - spacing.max() and max(extents) <= 15.0 + spacing.max(), extents
+    # cores at 1.2-1.7 x white matter (the bias field moves the local level by a few percent)
+    assert 1.05 < min(contrast) and max(contrast) < 1.85, contrast
     assert max(extents) > 10.0, "the clinical model reaches beyond the original 10 mm"
     vent = (sub.csf > 0.5) & (ndi.distance_transform_edt(sub.brain, sampling=spacing) > 15.0)
     cortex = (sub.gm > 0.5) & (ndi.distance_transform_edt(sub.brain, sampling=spacing) < 12.0)
