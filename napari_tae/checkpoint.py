@@ -145,6 +145,7 @@ def save_checkpoint(
         sha256=weights_sha256(state),
     )
     header = {"format": "pt", _META_KEY: _json(meta.to_dict(), "checkpoint metadata")}
+    _check_calibration(path, meta.calibration)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
     return path
@@ -183,6 +184,16 @@ def _read_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _check_calibration(path: Path, calibration: dict[str, Any]) -> None:
+    for k, v in calibration.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise CheckpointError(path, f"calibration value {k!r} is not a number: {v!r}")
+        # a squash is a percentage of the residual range [0, 1]: anything else thresholds nothing
+        # or everything, and a NaN would fail every input later under the input's name
+        if not 0.0 <= v <= 100.0:
+            raise CheckpointError(path, f"calibration value {k!r} = {v!r} is not a percentage in [0, 100]")
+
+
 def _validate_meta(path: Path, d: Any) -> CheckpointMeta:
     if not isinstance(d, dict):
         raise CheckpointError(path, "napari-tae metadata is not a JSON object")
@@ -202,9 +213,7 @@ def _validate_meta(path: Path, d: Any) -> CheckpointMeta:
     for key, typ in types.items():
         if not isinstance(d[key], typ) or isinstance(d[key], bool):
             raise CheckpointError(path, f"metadata field {key!r} should be {typ.__name__}, got {type(d[key]).__name__}")
-    for k, v in d["calibration"].items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise CheckpointError(path, f"calibration value {k!r} is not a number: {v!r}")
+    _check_calibration(path, d["calibration"])
     from .models import list_models
 
     if d["model_name"] not in list_models():

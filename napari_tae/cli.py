@@ -2,9 +2,8 @@
 
 ``napari-tae segment`` runs the same code path as the plugin (:func:`napari_tae.inference.segment`,
 Ghorbel et al., "Transformer based Models for Unsupervised Anomaly Segmentation in Brain MR Images",
-BrainLes 2022, https://arxiv.org/abs/2207.02059) on many NIfTI files or DICOM series and writes,
-per input, the reconstruction, residual and mask on the input's grid, a lesion table and a
-provenance record; for a DICOM series also a DICOM SEG of the mask referencing it.
+BrainLes 2022, https://arxiv.org/abs/2207.02059) on many NIfTI files and writes, per input, the
+reconstruction, residual and mask on the input's grid, a lesion table and a provenance record.
 ``napari-tae models`` lists the model zoo and the bundled checkpoints; ``napari-tae demo`` opens
 napari with the sample volume and the anomaly widget.
 
@@ -14,32 +13,27 @@ Heavy modules (torch, napari) are imported inside the subcommands so ``--help`` 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_tae import dicom
-from napari_tae._atomic import write_text_atomic
-from napari_tae.io import (
-    NIFTI_SUFFIXES,
-    VolumeError,
-    error_line,
-    nifti_files,
-    nifti_stem,
-    same_file,
-)
+from napari_tae import batch
+from napari_tae.batch import Case, CaseResult
+from napari_tae.export import OUTPUT_KINDS
+from napari_tae.io import NIFTI_SUFFIXES, error_line, nifti_files, nifti_stem
 from napari_tae.options import DEVICE_CHOICES, MEDIAN_MODES, check_median_kernel
 
 __all__ = [
     "OUTPUT_SUFFIXES",
+    "Segmenter",
     "build_parser",
     "find_inputs",
     "main",
@@ -47,22 +41,16 @@ __all__ = [
 
 _logger = logging.getLogger("napari_tae.cli")
 
-#: Files written per input, ``<name><suffix>`` in the output folder.
-OUTPUT_SUFFIXES = (
-    "_reconstruction.nii.gz",
-    "_residual.nii.gz",
-    "_mask.nii.gz",
-    "_lesions.csv",
-    "_provenance.json",
-)
-#: Provenance ``outputs`` key of the DICOM SEG (the NIfTI mask already has "mask").
-_SEG_KEY = "seg"
+#: Files written per input, ``<name><suffix>`` in the output folder (from ``export.OUTPUT_KINDS``).
+OUTPUT_SUFFIXES = tuple(OUTPUT_KINDS.values())
 #: Exit statuses above 125 mean "killed by a signal" or "command not found" to a shell.
 _MAX_EXIT = 125
+_EXIT_INTERRUPTED = 130
 
 
-class CLIError(Exception):
-    """A user error with a one-line message (no traceback is shown)."""
+class CLIError(ValueError):
+    """A user error with a one-line message (no traceback is shown); raised for one input, it
+    fails that input only (a ValueError to :func:`napari_tae.batch.run_case`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,23 +58,26 @@ class CLIError(Exception):
 
 
 def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into the inputs: NIfTI files, and DICOM folders as themselves.
+    """Expand files and folders (their NIfTI files, sorted, not recursive) into a file list.
 
-    A folder holding DICOM files is one DICOM input (its series are chosen by :func:`_plan_jobs`);
-    any other folder stands for its NIfTI files (sorted, not recursive). Paths that do not exist
-    are kept, so the batch reports them by name as failures instead of silently dropping them.
-    A folder with neither is an error.
+    A folder's files named like napari-tae outputs (``*_residual.nii.gz``, ...) are skipped, so a
+    folder that is also the output folder is not segmented again. Paths that do not exist are
+    kept, so the batch reports them by name as failures instead of silently dropping them. A
+    folder without input volumes is an error.
     """
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if dicom.is_dicom_folder(path):
-            files.append(path)
-        elif path.is_dir():
+        if path.is_dir():
             found = nifti_files(path)
-            if not found:
-                raise CLIError(f"{path}: folder holds no NIfTI (.nii, .nii.gz) or DICOM file")
-            files.extend(found)
+            volumes = [f for f in found if not batch.is_output_file(f)]
+            if not volumes:
+                skipped = f" (only {len(found)} napari-tae output file(s))" if found else ""
+                raise CLIError(f"{path}: folder holds no .nii or .nii.gz input volume{skipped}")
+            if len(volumes) < len(found):
+                _logger.info("%s: skipped %d file(s) named like napari-tae outputs", path,
+                             len(found) - len(volumes))
+            files.extend(volumes)
         else:
             files.append(path)
     return files
@@ -108,142 +99,104 @@ def _load_model(name_or_path: str) -> tuple[Any, Any, Path | None]:
 # segment
 
 
-@dataclass
-class _Job:
-    """One input (a NIfTI file, or a DICOM folder and its chosen series) and where results go."""
-
-    source: Path
-    name: str
-    outputs: dict[str, Path]
-    series: dicom.DicomSeries | None = None
-
-
-def _choose_series(folder: Path, series_uid: str | None) -> dicom.DicomSeries:
-    """The folder's series ``series_uid``, or its only series (``series_uid`` may name a series of
-    another input folder); CLIError listing the series when that does not decide."""
-    found = dicom.list_series(folder)
-    try:
-        return dicom.pick_series(found, series_uid if len(found) > 1 else None)
-    except VolumeError as exc:
-        # several series and no (right) choice: the command must change, so nothing runs
-        raise CLIError(str(exc)) from None
-
-
-def _plan_jobs(
-    files: list[Path], out_dir: Path, series_uid: str | None = None
-) -> tuple[list[_Job], list[tuple[Path, str]]]:
-    """Output paths per input; inputs whose name repeats another's are failures, not overwrites.
-
-    A DICOM input is named after its series' description (else its folder), and writes the SEG
-    too. ``series_uid`` picks the series of the folder that holds it.
-    """
-    jobs: list[_Job] = []
-    failed: list[tuple[Path, str]] = []
-    seen: dict[str, Path] = {}
-    for source in files:
-        series = None
-        if dicom.is_dicom_folder(source):
-            try:
-                series = _choose_series(source, series_uid)
-            except VolumeError as exc:
-                failed.append((source, exc.problem))
-                continue
-            name = dicom.output_name(series)
-            if name in seen:  # two studies of the same protocol: tell them by their folders
-                name = f"{source.resolve().name}_{name}"
-        else:
-            name = nifti_stem(source)
-        if name in seen:
-            failed.append((source, f"same output name '{name}' as {seen[name]}; rename one"))
-            continue
-        seen[name] = source
-        suffixes = OUTPUT_SUFFIXES if series is None else (*OUTPUT_SUFFIXES, dicom.SEG_SUFFIX)
-        outputs = {suffix: out_dir / f"{name}{suffix}" for suffix in suffixes}
-        jobs.append(_Job(source=source, name=name, outputs=outputs, series=series))
-    if series_uid is not None and not any(j.series and j.series.uid == series_uid for j in jobs):
-        raise CLIError(f"--series {series_uid}: no input DICOM folder holds this series")
-    return jobs, failed
-
-
-def _check_outputs(job: _Job, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse, before computing anything, outputs that exist or that are one of the inputs."""
-    for out in job.outputs.values():
-        if any(same_file(out, src) for src in inputs):
-            raise CLIError(f"{job.source}: output {out} is one of the inputs; choose another --out-dir")
-    existing = [out.name for out in job.outputs.values() if out.exists()]
-    if existing and not overwrite:
-        raise CLIError(
-            f"{job.source}: outputs exist in the output folder ({', '.join(existing)}); "
-            "pass --overwrite to replace them"
-        )
-
-
-def _brain_mask_for(job: _Job, brain_arg: str | None, geometry: Any) -> Any:
-    """The supplied brain mask for this input (a file, or a folder of masks named like the inputs)."""
+def _brain_mask_file(case: Case, brain_arg: str | None) -> Path | None:
+    """The supplied brain mask file for this input (a file, or a folder of masks named like the inputs)."""
     if brain_arg is None:
+        return None
+    path = Path(brain_arg)
+    if path.is_dir():
+        found = [c for c in (path / f"{case.name}{suffix}" for suffix in NIFTI_SUFFIXES) if c.is_file()]
+        if not found:
+            raise CLIError(f"{case.source}: no brain mask {case.name}.nii[.gz] in {path}")
+        path = found[0]
+    return path
+
+
+def _brain_mask_for(path: Path | None, case: Case, geometry: Any) -> Any:
+    """The brain mask on the input's grid, refused when it is another scan's or orientation's."""
+    if path is None:
         return None
     from napari_tae.io import load_volume
 
-    path = Path(brain_arg)
-    if path.is_dir():
-        candidates = [path / f"{job.name}{suffix}" for suffix in NIFTI_SUFFIXES]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise CLIError(f"{job.source}: no brain mask {job.name}.nii[.gz] in {path}")
-        path = found[0]
     mask = load_volume(path)
     if mask.data.shape != geometry.shape:
         raise CLIError(
             f"{path}: brain mask shape {mask.data.shape} doesn't match the volume "
-            f"{geometry.shape} of {job.source}"
+            f"{geometry.shape} of {case.source}"
         )
     # same shape is not enough: a mask of another scan or orientation would land off the brain
     if not np.allclose(mask.geometry.ras_affine, geometry.ras_affine, atol=1e-3):
-        raise CLIError(f"{path}: brain mask is on another grid (affine) than {job.source}")
+        raise CLIError(f"{path}: brain mask is on another grid (affine) than {case.source}")
     return mask.data > 0
 
 
-def _segment_one(job: _Job, args: argparse.Namespace, model: Any, meta: Any, ckpt: Path | None) -> int:
-    """Segment one file and write its five outputs; returns the number of lesions."""
-    from napari_tae.inference import segment
-    from napari_tae.io import load_volume, save_volume
-    from napari_tae.export import provenance_record, write_lesion_csv
+def _digest(path: Path) -> str | None:
+    """sha256 of a file (None when it is missing: the load then reports it)."""
+    from napari_tae.export import file_sha256
 
-    volume = dicom.load_series(job.series) if job.series else load_volume(job.source)
-    brain = _brain_mask_for(job, args.brain_mask, volume.geometry)
-    result = segment(
-        volume,
-        model,
-        meta,
-        kernel=args.median_kernel,
-        squash=args.squash,
-        mode=args.median_mode,
-        min_size=args.min_size,
-        brain=brain,
-        device=args.device,
-    )
-    geometry = volume.geometry
-    out = job.outputs
-    save_volume(result.reconstruction, geometry, out["_reconstruction.nii.gz"], overwrite=args.overwrite)
-    save_volume(result.residual, geometry, out["_residual.nii.gz"], overwrite=args.overwrite)
-    save_volume(result.mask, geometry, out["_mask.nii.gz"], labels=True, overwrite=args.overwrite)
-    write_lesion_csv(result.lesions, out["_lesions.csv"])
-    if job.series is not None:
-        dicom.write_seg(result.mask, geometry, job.series, out[dicom.SEG_SUFFIX],
-                        overwrite=args.overwrite)
-    settings = dict(result.settings)
-    settings.setdefault("device", args.device)
-    settings["brain_mask_supplied"] = args.brain_mask is not None
-    if job.series is not None:
-        settings["dicom_series_uid"] = job.series.uid
-    outputs = {_SEG_KEY if suffix == dicom.SEG_SUFFIX else suffix.strip("_").split(".")[0]: path
-               for suffix, path in out.items()}
-    record = provenance_record(input_file=job.source, checkpoint=ckpt, meta=meta, settings=settings,
-                               outputs=outputs, n_lesions=len(result.lesions),
-                               command="napari-tae segment")
-    # provenance last: its presence says the other files are complete
-    write_text_atomic(out["_provenance.json"], json.dumps(record, indent=2) + "\n")
-    return len(result.lesions)
+    return file_sha256(path) if path.is_file() else None
+
+
+class Segmenter:
+    """The per-case work of ``napari-tae segment`` (a :class:`napari_tae.batch.CaseWork`).
+
+    Loads the model once per process; :meth:`__call__` segments one input and writes its
+    reconstruction, residual, mask and lesion table into the case's file set.
+    """
+
+    def __init__(self, args: argparse.Namespace, loaded: tuple[Any, Any, Path | None] | None = None) -> None:
+        self.args = args
+        self.model, self.meta, self.checkpoint = loaded if loaded is not None else _load_model(args.checkpoint)
+
+    def request(self, case: Case) -> dict[str, Any]:
+        """Input, model and settings asked for: a complete set with the same request is skipped."""
+        args = self.args
+        brain = _brain_mask_file(case, args.brain_mask)
+        return {
+            "input_sha256": _digest(case.source),
+            "weights_sha256": getattr(self.meta, "sha256", "intensity"),
+            "median_kernel": args.median_kernel,
+            "median_mode": args.median_mode,
+            "squash": args.squash,
+            "min_size": args.min_size,
+            "brain_mask_sha256": None if brain is None else _digest(brain),
+        }
+
+    def __call__(self, case: Case, files: Any) -> dict[str, Any]:
+        from napari_tae.export import provenance_record, write_lesion_csv
+        from napari_tae.inference import segment
+        from napari_tae.io import load_volume, save_volume
+
+        args = self.args
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            volume = load_volume(case.source)
+            brain = _brain_mask_for(_brain_mask_file(case, args.brain_mask), case, volume.geometry)
+            result = segment(volume, self.model, self.meta, kernel=args.median_kernel, squash=args.squash,
+                             mode=args.median_mode, min_size=args.min_size, brain=brain, device=args.device)
+        # a warning (e.g. not skull-stripped) is about this file: say which, on one line
+        for warning in caught:
+            _logger.warning("%s: %s", case.source, str(warning.message).splitlines()[0])
+        geometry = volume.geometry
+        # the temporaries exist (created empty, private to this run): overwrite=True fills them
+        save_volume(result.reconstruction, geometry, files.temporary("reconstruction"), overwrite=True)
+        save_volume(result.residual, geometry, files.temporary("residual"), overwrite=True)
+        save_volume(result.mask, geometry, files.temporary("mask"), labels=True, overwrite=True)
+        write_lesion_csv(result.lesions, files.temporary("lesions"))
+        settings = dict(result.settings)
+        settings.setdefault("device", args.device)
+        settings["brain_mask_supplied"] = args.brain_mask is not None
+        return provenance_record(
+            input_file=case.source, checkpoint=self.checkpoint, meta=self.meta, settings=settings,
+            outputs=case.targets([*files.written, "provenance"]), n_lesions=len(result.lesions),
+            lesion_volume_ml=float(sum(lesion["volume_ml"] for lesion in result.lesions)),
+            command="napari-tae segment")
+
+
+def _make_segmenter(args: argparse.Namespace) -> Segmenter:
+    """A ``--jobs`` worker's :class:`Segmenter` (module level, so a spawned process can unpickle it)."""
+    _setup_logging(args.verbose, args.quiet)
+    return Segmenter(args)
 
 
 def _progress(total: int, quiet: bool) -> Any:
@@ -252,49 +205,107 @@ def _progress(total: int, quiet: bool) -> Any:
     return tqdm(total=total, unit="file", desc="segment", disable=quiet, file=sys.stderr)
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    """Run ``napari-tae segment``; returns the number of failed inputs (capped)."""
-    out_dir = Path(args.out_dir)
-    files = find_inputs(args.inputs)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"{out_dir}: --out-dir exists and is not a folder")
+def _rank_device(device: str, local_rank: int, world: int) -> str:
+    """This process's device: under torchrun each rank of a node takes GPU ``LOCAL_RANK``."""
+    import torch
+
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def _check_segment_args(args: argparse.Namespace, world: int) -> None:
     if args.brain_mask is not None and not Path(args.brain_mask).exists():
         raise CLIError(f"{args.brain_mask}: no such brain mask file or folder")
-    # planned first: a DICOM folder with several series and no --series stops here
-    jobs, failures = _plan_jobs(files, out_dir, args.series)
-    # the model is loaded once, before any file, so a bad checkpoint fails fast
-    model, meta, ckpt = _load_model(args.checkpoint)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for source, problem in failures:
-        _logger.error("%s: %s", source, problem)
-    n_ok = 0
-    with _progress(len(jobs), args.quiet) as bar:
-        for job in jobs:
-            bar.set_postfix_str(job.source.name, refresh=False)
-            try:
-                _check_outputs(job, files, args.overwrite)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    n_lesions = _segment_one(job, args, model, meta, ckpt)
-                # a warning (e.g. not skull-stripped) is about this file: say which, on one line
-                for warning in caught:
-                    _logger.warning("%s: %s", job.source, str(warning.message).splitlines()[0])
-            except (CLIError, ValueError, OSError, RuntimeError) as exc:
-                # one bad file is reported by name on one line and skipped; the rest go on
-                message = error_line(exc, job.source)
-                failures.append((job.source, message))
-                _logger.error("%s", message)
-            else:
-                n_ok += 1
-                _logger.info("%s: %d lesion(s) -> %s", job.source, n_lesions, out_dir)
-            bar.update(1)
-    n_failed = len(failures)
-    summary = f"{n_ok} of {len(files)} file(s) segmented into {out_dir}"
-    if n_failed:
-        _logger.error("%s; %d failed: %s", summary, n_failed, ", ".join(str(s) for s, _ in failures))
+    if args.summary is not None:
+        summary = Path(args.summary)
+        if summary.suffix.lower() not in (".json", ".csv"):
+            raise CLIError(f"{summary}: --summary must end in .json or .csv")
+        if not summary.parent.is_dir():
+            raise CLIError(f"{summary.parent}: the folder of --summary does not exist")
+    if args.jobs > 1:
+        if world > 1:
+            raise CLIError("--jobs runs worker processes on one machine; under torchrun use "
+                           "--nproc_per_node instead")
+        from napari_tae.inference import select_device
+
+        try:
+            device = select_device(args.device).type
+        except ValueError as exc:
+            raise CLIError(error_line(exc)) from None
+        if device != "cpu":
+            raise CLIError(f"--jobs is for CPU runs (the device is {device}); for several GPUs run "
+                           "torchrun --nproc_per_node N -m napari_tae.cli segment ...")
+
+
+def _log_result(result: CaseResult, bar: Any) -> None:
+    if result.status == batch.FAILED:
+        _logger.error("%s", result.error)
+    elif result.error:  # skipped because another run holds it
+        _logger.warning("%s; skipped", result.error)
+    elif result.status == batch.SKIPPED:
+        _logger.info("%s: outputs already complete; skipped (--overwrite redoes them)", result.input)
     else:
-        _logger.info("%s", summary)
-    return min(n_failed, _MAX_EXIT)
+        _logger.info("%s: %d lesion(s), %.2f mL", result.input, result.lesions, result.lesion_volume_ml or 0.0)
+    bar.update(1)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Run ``napari-tae segment``; returns the number of failed inputs (capped), 130 if interrupted."""
+    rank, world, local_rank = batch.rank_info()
+    out_dir = Path(args.out_dir)
+    files = find_inputs(args.inputs)
+    _check_segment_args(args, world)
+    # the folder before the model: a folder that cannot be written fails in a second, by name
+    try:
+        batch.prepare_output_folder(out_dir)
+    except batch.OutputFolderError as exc:
+        raise CLIError(str(exc)) from None
+    if args.checkpoint is None:
+        from napari_tae.checkpoint import default_checkpoint
+
+        args.checkpoint = default_checkpoint()
+    args.device = _rank_device(args.device, local_rank, world)
+    # the model is loaded once, before any file, so a bad checkpoint fails fast
+    loaded = _load_model(args.checkpoint)
+    cases, results = batch.plan_cases(files, out_dir, nifti_stem)
+    if rank > 0:
+        results = []  # planning failures are reported once, by rank 0
+    mine = batch.shard(cases, rank, world)
+    with batch.stop_on_sigterm(), _progress(len(mine), args.quiet or rank > 0) as bar:
+        for failure in results:
+            _logger.error("%s", failure.error)
+        report = functools.partial(_log_result, bar=bar)
+        try:
+            if args.jobs > 1:
+                results += batch.run_parallel(mine, functools.partial(_make_segmenter, args), args.jobs,
+                                              overwrite=args.overwrite, on_result=report)
+            else:
+                results += batch.run_cases(mine, Segmenter(args, loaded), overwrite=args.overwrite,
+                                           on_result=report)
+        except batch.BatchInterrupted as stop:
+            where = ", ".join(stop.cases) or "between cases"
+            _logger.error("interrupted in %s; its partial files were removed, finished cases are "
+                          "complete; run the same command again to do the rest", where)
+            return _EXIT_INTERRUPTED
+    everyone = batch.gather_results(results, rank, world)
+    if everyone is None:
+        return 0  # rank 0 reports for all
+    return _report(everyone, out_dir, args.summary)
+
+
+def _report(results: list[CaseResult], out_dir: Path, summary: str | None) -> int:
+    """The batch's last line (and the --summary file); returns the exit status."""
+    counts = {status: [r for r in results if r.status == status] for status in (batch.DONE, batch.SKIPPED, batch.FAILED)}
+    if summary is not None:
+        batch.write_summary(summary, results)
+    line = (f"{len(results)} input(s): {len(counts[batch.DONE])} segmented, {len(counts[batch.SKIPPED])} "
+            f"skipped, {len(counts[batch.FAILED])} failed; outputs in {out_dir}")
+    if counts[batch.FAILED]:
+        _logger.error("%s; failed: %s", line, ", ".join(r.input for r in counts[batch.FAILED]))
+    else:
+        _logger.info("%s", line)
+    return min(len(counts[batch.FAILED]), _MAX_EXIT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +314,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def bundled_summary() -> list[dict[str, Any]]:
     """Name, file, size, model, calibration and training note of every bundled checkpoint."""
-    from napari_tae.checkpoint import bundled_checkpoints, default_checkpoint, read_metadata
+    from napari_tae.checkpoint import (
+        bundled_checkpoints,
+        default_checkpoint,
+        read_metadata,
+    )
 
     rows = []
     default = default_checkpoint()
@@ -388,10 +403,17 @@ def _median_kernel(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _non_negative_float(text: str) -> float:
+def _percentage(text: str) -> float:
     value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 100] (got {text})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
     return value
 
 
@@ -428,24 +450,25 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment",
         parents=[common],
-        help="segment NIfTI files, folders of them or DICOM series headlessly",
+        help="segment NIfTI files or folders headlessly",
         description="For each input writes <name>_reconstruction/_residual/_mask.nii.gz on the "
-        "input's grid, <name>_lesions.csv and <name>_provenance.json; a DICOM series also gets "
-        "<name>_mask.seg.dcm (DICOM SEG referencing the series), <name> being its "
-        "SeriesDescription or folder name. Exit status: number of failed inputs (capped at 125).",
+        "input's grid, <name>_lesions.csv and <name>_provenance.json, as one set: an input's "
+        "outputs are complete or absent. Complete sets made with the same settings are skipped, "
+        "incomplete ones redone. Runs unchanged under torchrun --nproc_per_node N. Exit status: "
+        "number of failed inputs (capped at 125), 2 for a usage error, 130 when interrupted.",
     )
     io_group = seg.add_argument_group("input and output")
-    io_group.add_argument(
-        "inputs", nargs="+", metavar="INPUT",
-        help="NIfTI files, folders of them, or folders holding a DICOM series",
-    )
-    io_group.add_argument(
-        "--series", metavar="UID",
-        help="SeriesInstanceUID to segment in a DICOM folder holding several series "
-        "(without it such a folder is refused with the list of its series)",
-    )
+    io_group.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or folders of them")
     io_group.add_argument("-o", "--out-dir", required=True, help="output folder (created if missing)")
-    io_group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    io_group.add_argument(
+        "--overwrite", action="store_true",
+        help="redo inputs whose outputs are complete (default: skip them when made with the same "
+        "input, model and settings; refuse when made with others)",
+    )
+    io_group.add_argument(
+        "--summary", metavar="FILE", help="write one row per input (status, lesions, mL, outputs, "
+        "error) to FILE, JSON or CSV by its ending",
+    )
     io_group.add_argument(
         "--brain-mask",
         metavar="FILE_OR_DIR",
@@ -456,12 +479,17 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument(
         "-m",
         "--checkpoint",
-        required=True,
+        default=None,
         metavar="FILE_OR_NAME",
-        help="a .safetensors checkpoint, a bundled name (see 'napari-tae models') or 'intensity'",
+        help="a .safetensors checkpoint, a bundled name (see 'napari-tae models') or 'intensity' "
+        "(default: the bundled default model)",
     )
     model_group.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto"
+    )
+    model_group.add_argument(
+        "-j", "--jobs", type=_positive_int, default=1, metavar="N",
+        help="CPU worker processes, each with cores/N torch threads (default 1)",
     )
     post = seg.add_argument_group("post-processing")
     post.add_argument("--median-kernel", type=_median_kernel, default=5, help="odd, 1 = off (default 5)")
@@ -470,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     post.add_argument(
         "--squash",
-        type=_non_negative_float,
+        type=_percentage,
         default=None,
         metavar="Q",
         help="threshold in percent of the intensity range (default: the checkpoint's calibrated "
@@ -540,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _logger.error("interrupted")
-        return 130
+        return _EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

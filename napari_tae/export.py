@@ -19,7 +19,9 @@ import numpy as np
 from napari_tae._atomic import atomic_path
 
 __all__ = [
+    "OUTPUT_KINDS",
     "ExportError",
+    "describe_files",
     "export_paths",
     "file_sha256",
     "jsonable",
@@ -32,20 +34,41 @@ class ExportError(ValueError):
     """An export that would overwrite a file or the input volume."""
 
 
-_SUFFIXES = {
-    "mask": "_mask.nii.gz",
+#: Every kind of file napari-tae writes for one input, ``<name><suffix>``: the one table the CLI,
+#: the plugin's export and the input scan (which skips these files) read. The provenance record
+#: is written last and lists the others with their hashes (see ``docs/batch.md``).
+OUTPUT_KINDS = {
+    "reconstruction": "_reconstruction.nii.gz",
     "residual": "_residual.nii.gz",
+    "mask": "_mask.nii.gz",
     "lesions": "_lesions.csv",
     "provenance": "_provenance.json",
 }
+#: What the plugin's export writes (the reconstruction stays in the viewer).
+PLUGIN_EXPORT_KINDS = ("mask", "residual", "lesions", "provenance")
 
 
-def export_paths(folder: str | os.PathLike, base: str) -> dict[str, Path]:
-    """The files an export writes: ``<folder>/<base>_{mask,residual}.nii.gz``, CSV and JSON."""
+def export_paths(folder: str | os.PathLike, base: str,
+                 kinds: tuple[str, ...] = PLUGIN_EXPORT_KINDS) -> dict[str, Path]:
+    """The files an export writes: ``<folder>/<base><suffix>`` for each kind of :data:`OUTPUT_KINDS`."""
     base = base.strip()
     if not base or os.sep in base or (os.altsep and os.altsep in base):
         raise ExportError(f"{base!r}: the base name must be a plain file name prefix")
-    return {k: Path(folder) / f"{base}{s}" for k, s in _SUFFIXES.items()}
+    return {k: Path(folder) / f"{base}{OUTPUT_KINDS[k]}" for k in kinds}
+
+
+def describe_files(written: dict[str, str | os.PathLike],
+                   targets: dict[str, str | os.PathLike]) -> dict[str, dict[str, Any]]:
+    """``{kind: {"file", "bytes", "sha256"}}`` of files written (maybe under temporary names).
+
+    ``file`` is the final name (``targets``); the provenance record carries this listing so a set
+    can be checked complete and unmixed.
+    """
+    return {
+        kind: {"file": Path(targets[kind]).name, "bytes": os.path.getsize(path),
+               "sha256": file_sha256(path)}
+        for kind, path in written.items()
+    }
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -86,11 +109,14 @@ def provenance_record(
     outputs: dict[str, str | os.PathLike],
     n_lesions: int,
     command: str,
+    lesion_volume_ml: float | None = None,
+    files: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The one provenance schema, for the CLI's and the plugin's outputs alike.
 
     Input file and its sha256, the model (checkpoint path, file and weights hashes, config,
-    calibration, preprocessing, training summary), every setting, the outputs, version and date.
+    calibration, preprocessing, training summary), every setting, the outputs (and, with
+    ``files`` from :func:`describe_files`, their sizes and hashes), version and date.
     """
     from napari_tae import __version__
     from napari_tae.checkpoint import CheckpointError, resolve_checkpoint
@@ -119,7 +145,9 @@ def provenance_record(
         "model": model,
         "settings": settings,
         "lesions": n_lesions,
+        "lesion_volume_ml": lesion_volume_ml,
         "outputs": {k: str(Path(p).resolve()) for k, p in outputs.items()},
+        "files": files,
         "software": {"napari_tae": __version__, "command": command},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })

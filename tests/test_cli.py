@@ -132,7 +132,7 @@ def test_batch_with_corrupt_file_in_the_middle(cases, tmp_path, caplog):
     assert status == 2
 
 
-def test_refuses_to_overwrite_before_computing(cases, tmp_path, monkeypatch):
+def test_complete_outputs_skipped_or_refused_before_computing(cases, tmp_path, monkeypatch):
     out_dir = tmp_path / "out"
     args = ["-q", "segment", str(cases["plain"]), "-m", "intensity", "-o", str(out_dir)]
     assert main(args) == 0
@@ -143,10 +143,12 @@ def test_refuses_to_overwrite_before_computing(cases, tmp_path, monkeypatch):
     import napari_tae.inference as inference
 
     def _fail(*_args, **_kwargs):
-        raise AssertionError("segment() must not run when the outputs exist")
+        raise AssertionError("segment() must not run when the outputs are complete")
 
     monkeypatch.setattr(inference, "segment", _fail)
-    assert main(args) == 1
+    # same request: skipped (resume); other settings: refused, naming what differs
+    assert main(args) == 0
+    assert main([*args, "--squash", "30"]) == 1
     assert mask_path.read_bytes() == before and mask_path.stat().st_mtime_ns == stamp
     monkeypatch.undo()
     assert main([*args, "--squash", "30", "--overwrite"]) == 0
@@ -201,7 +203,7 @@ def test_console_script(cases, tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "case_a_provenance.json").is_file()
-    assert "1 of 1 file(s) segmented" in done.stderr
+    assert "1 input(s): 1 segmented, 0 skipped, 0 failed" in done.stderr
 
 
 def test_brain_mask_file_and_mismatch(cases, tmp_path):

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from napari_tae._atomic import write_text_atomic
-from napari_tae.dicom import SEG_SUFFIX, write_seg
-from napari_tae.export import ExportError, export_paths, provenance_record, write_lesion_csv
+from napari_tae._atomic import FileSet
+from napari_tae.batch import Case, CaseLock, CaseLocked
+from napari_tae.export import ExportError, describe_files, export_paths, provenance_record, write_lesion_csv
 from napari_tae.io import same_file
 from napari_tae.postprocess import anomaly_mask, label_lesions, lesion_table, ml_to_voxels, slice_mask
 
@@ -321,7 +321,6 @@ def export_results(
     input_file: str | None = None,
     overwrite: bool = False,
     extra: dict | None = None,
-    dicom_series: Any = None,
 ) -> dict[str, Path]:
     """Write mask + residual NIfTI (source grid and header), lesion CSV and provenance JSON.
 
@@ -332,11 +331,9 @@ def export_results(
         state: The result being reviewed (residual, geometry, settings).
         input_file: The source volume, never written over.
         overwrite: Replace existing files (the widget asks the user first).
-        dicom_series: The :class:`~napari_tae.dicom.DicomSeries` the input was read from; the
-            mask is then also written as a DICOM SEG referencing it (``seg``).
 
     Returns:
-        The written paths by kind (``mask``, ``residual``, ``lesions``, ``provenance``, ``seg``).
+        The written paths by kind (``mask``, ``residual``, ``lesions``, ``provenance``).
 
     Raises:
         ExportError: The folder is missing, a target is the input file, or a target exists and
@@ -348,8 +345,6 @@ def export_results(
     if not folder.is_dir():
         raise ExportError(f"{folder}: export folder does not exist")
     paths = export_paths(folder, base)
-    if dicom_series is not None:
-        paths["seg"] = folder / f"{base}{SEG_SUFFIX}"
     sources = [p for p in (input_file, getattr(state.geometry, "source_path", None)) if p]
     for p in paths.values():
         for src in sources:
@@ -361,17 +356,23 @@ def export_results(
 
     binary = (np.asarray(mask) > 0).astype(np.uint8)
     lesions = state.current_lesions(binary)
-    kw = dict(geometry=state.geometry, scale=state.spacing, translate=state.origin,
-              overwrite=overwrite)
-    save_volume(binary, path=paths["mask"], labels=True, **kw)
-    save_volume(state.residual, path=paths["residual"], **kw)
-    write_lesion_csv(lesions, paths["lesions"])
+    kw = {"geometry": state.geometry, "scale": state.spacing, "translate": state.origin, "overwrite": True}
     settings = {**plugin_settings(state), **(extra or {})}
-    if dicom_series is not None:
-        write_seg(binary, state.geometry, dicom_series, paths["seg"], overwrite=overwrite)
-        settings["dicom_series_uid"] = dicom_series.uid
-    record = provenance_record(input_file=input_file, checkpoint=state.checkpoint, meta=state.meta,
-                               settings=settings, outputs=paths, n_lesions=len(lesions),
-                               command="napari plugin export")
-    write_text_atomic(paths["provenance"], json.dumps(record, indent=2))
+    # the same commit as the CLI's: temporaries put in place together, provenance last, under the
+    # lock a batch into the same folder would take (docs/batch.md)
+    try:
+        with CaseLock(Case(source=Path(input_file or base), name=base.strip(), folder=folder)), \
+                FileSet(paths) as files:
+            save_volume(binary, path=files.temporary("mask"), labels=True, **kw)
+            save_volume(state.residual, path=files.temporary("residual"), **kw)
+            write_lesion_csv(lesions, files.temporary("lesions"))
+            record = provenance_record(
+                input_file=input_file, checkpoint=state.checkpoint, meta=state.meta, settings=settings,
+                outputs=paths, n_lesions=len(lesions),
+                lesion_volume_ml=float(sum(les["volume_ml"] for les in lesions)),
+                files=describe_files(files.written, paths), command="napari plugin export")
+            files.temporary("provenance").write_text(json.dumps(record, indent=2), encoding="utf-8")
+            files.commit(last="provenance")
+    except CaseLocked as exc:
+        raise ExportError(f"{paths['provenance']}: {exc}") from None
     return paths
