@@ -20,9 +20,21 @@ import numpy as np
 
 from napari_tae._atomic import FileSet
 from napari_tae.batch import Case, CaseLock, CaseLocked
-from napari_tae.export import ExportError, describe_files, export_paths, provenance_record, write_lesion_csv
+from napari_tae.export import (
+    ExportError,
+    describe_files,
+    export_paths,
+    provenance_record,
+    write_lesion_csv,
+)
 from napari_tae.io import same_file
-from napari_tae.postprocess import anomaly_mask, label_lesions, lesion_table, ml_to_voxels, slice_mask
+from napari_tae.postprocess import (
+    anomaly_mask,
+    label_lesions,
+    lesion_table,
+    ml_to_voxels,
+    slice_mask,
+)
 
 __all__ = [
     "EditRecord",
