@@ -128,7 +128,7 @@ def save_checkpoint(
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: checkpoint files must end in .safetensors")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path}: exists; not replaced (--overwrite, or overwrite=True from Python, replaces it)")
     model = _unwrap(model)
     name = getattr(model, "model_name", "")
     if not name:

@@ -426,7 +426,7 @@ def save_volume(
     if geometry is not None and geometry.source_path and same_file(path, geometry.source_path):
         raise VolumeError(path, "refusing to write over the source volume")
     if os.path.exists(path) and not overwrite:
-        raise VolumeError(path, "file exists (pass overwrite=True to replace it)")
+        raise VolumeError(path, "file exists; not replaced (--overwrite, or overwrite=True from Python, replaces it)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise VolumeError(path, "output folder does not exist")

@@ -1242,7 +1242,7 @@ def write_dataset(
         raise ValueError("no anomaly kinds given for the test volumes")
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not overwrite:
-        raise FileExistsError(f"{manifest_path}: a dataset already exists here (pass overwrite=True)")
+        raise FileExistsError(f"{manifest_path}: a dataset already exists here (--overwrite, or overwrite=True from Python, replaces it)")
     dirs = {
         "train": out / "train",
         "val": out / "val",
