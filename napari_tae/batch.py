@@ -45,6 +45,7 @@ __all__ = [
     "CaseResult",
     "CaseWork",
     "OutputFolderError",
+    "WorkerError",
     "complete_record",
     "gather_results",
     "is_output_file",
@@ -75,6 +76,10 @@ class OutputFolderError(OSError):
 
 class CaseLocked(RuntimeError):
     """Another live run holds the case's lock."""
+
+
+class WorkerError(RuntimeError):
+    """A worker process or rank could not start or report (one line; cases done stay complete)."""
 
 
 class BatchInterrupted(KeyboardInterrupt):
@@ -237,6 +242,8 @@ class CaseLock:
     def __init__(self, case: Case) -> None:
         self.path = case.lock_path
         self._held = False
+        #: True when a dead run's lock was broken to take this one (its files are partial)
+        self.broke_stale = False
 
     def __enter__(self) -> Self:
         self.acquire()
@@ -302,6 +309,7 @@ class CaseLock:
             if self._read() != seen:
                 return self._read() is None
             self.path.unlink(missing_ok=True)
+            self.broke_stale = True
             _logger.info("%s: removed a stale lock (%s)", self.path, self._describe(seen))
             return True
         finally:
@@ -362,12 +370,38 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def _remove_leftovers(case: Case) -> None:
-    """Temporaries of this case left by a killed run (only the lock holder writes them)."""
-    for target in case.targets().values():
-        for pattern in temporary_patterns(target):
-            for tmp in case.folder.glob(pattern):
-                tmp.unlink(missing_ok=True)
+def _remove_leftovers(case: Case) -> int:
+    """Remove temporaries of this case left by a killed run (only the lock holder writes them);
+    returns how many there were."""
+    found = [tmp for target in case.targets().values() for pattern in temporary_patterns(target)
+             for tmp in case.folder.glob(pattern)]
+    for tmp in found:
+        tmp.unlink(missing_ok=True)
+    return len(found)
+
+
+def _listed_kinds(case: Case) -> set[str]:
+    """Kinds the case's record lists, complete or not (files this tool wrote)."""
+    try:
+        files = json.loads(case.target("provenance").read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return set(files) & set(OUTPUT_KINDS) if isinstance(files, dict) else set()
+
+
+def _refuse_unknown_files(case: Case, killed_run: bool) -> None:
+    """Files under the case's names that are not a complete set are only redone when a killed run
+    of this tool evidently left them; anything else may be the user's (a hand-corrected mask)."""
+    present = [path for path in case.targets().values() if path.exists()]
+    if not present:
+        return
+    if killed_run:
+        _logger.info("%s: redoing the incomplete outputs of an interrupted run", case.source)
+        return
+    problem = ("differ from their provenance record (changed since written?)" if case.target("provenance").exists()
+               else "are not part of a complete napari-tae output set")
+    raise ValueError(f"{', '.join(p.name for p in present)} in {case.folder} {problem}; move them away or "
+                     "pass --overwrite to replace them")
 
 
 def _without_temporaries(message: str, case: Case) -> str:
@@ -382,12 +416,14 @@ def run_case(case: Case, work: CaseWork, *, overwrite: bool = False) -> CaseResu
     """Write one case's output set as a whole, or skip it when complete; never raises for a bad input.
 
     Under the case lock: a complete set made with the same request is skipped (``overwrite``
-    redoes it), one made with another request is a failure naming what differs, anything else is
-    (re)done. KeyboardInterrupt propagates after the temporaries and the lock are removed.
+    redoes it), one made with another request is a failure naming what differs; an incomplete
+    set is redone when a killed run's traces (a stale lock, temporaries) show it is this tool's,
+    else refused unless ``overwrite``. KeyboardInterrupt propagates after the temporaries and the
+    lock are removed.
     """
     try:
-        with CaseLock(case):
-            _remove_leftovers(case)
+        with CaseLock(case) as lock:
+            killed_run = _remove_leftovers(case) > 0 or lock.broke_stale
             request = work.request(case)
             record = complete_record(case)
             if record is not None and not overwrite:
@@ -397,11 +433,13 @@ def run_case(case: Case, work: CaseWork, *, overwrite: bool = False) -> CaseResu
                 what = (f"with another {', '.join(_differences(old, request))}" if isinstance(old, dict)
                         else "by another command (no batch request recorded)")
                 raise ValueError(f"complete outputs in {case.folder} were made {what}; --overwrite replaces them")
-            if record is None and any(p.exists() for p in case.targets().values()):
-                _logger.info("%s: redoing the incomplete outputs of an interrupted run", case.source)
+            if record is None and not overwrite:
+                _refuse_unknown_files(case, killed_run)
+            # kinds of the old set the new one lacks go too, but never a file this tool did not write
+            ours = _listed_kinds(case) | ({k for k, p in case.targets().items() if p.exists()} if killed_run else set())
             with FileSet(case.targets()) as files:
                 try:
-                    record = _write_set(case, work, files, request)
+                    record = _write_set(case, work, files, request, ours)
                 except (ValueError, OSError, RuntimeError) as exc:
                     # a hidden temporary means nothing to the user: name the file it stands for
                     raise ValueError(_without_temporaries(error_line(exc, case.source), case)) from None
@@ -413,7 +451,8 @@ def run_case(case: Case, work: CaseWork, *, overwrite: bool = False) -> CaseResu
         return CaseResult(input=str(case.source), name=case.name, status=FAILED, error=error_line(exc, case.source))
 
 
-def _write_set(case: Case, work: CaseWork, files: FileSet, request: dict[str, Any]) -> dict[str, Any]:
+def _write_set(case: Case, work: CaseWork, files: FileSet, request: dict[str, Any],
+               old_kinds: set[str]) -> dict[str, Any]:
     from napari_tae.export import describe_files
 
     record = work(case, files)
@@ -421,8 +460,7 @@ def _write_set(case: Case, work: CaseWork, files: FileSet, request: dict[str, An
     record["files"] = describe_files(files.written, files.targets)
     record["outputs"] = {kind: str(case.target(kind).resolve()) for kind in [*files.written, "provenance"]}
     files.temporary("provenance").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    stale = [path for kind, path in case.targets().items() if kind not in files.written]
-    files.commit(last="provenance", remove=stale)
+    files.commit(last="provenance", remove=[case.target(k) for k in old_kinds - {*files.written, "provenance"}])
     return record
 
 
@@ -539,14 +577,11 @@ def run_parallel(cases: Sequence[Case], make_work: Callable[[], CaseWork], n_job
                 results[value] = detail
                 on_result(detail)
             elif kind == "crashed":
-                raise RuntimeError(f"a worker process failed before its first case: {value}")
+                _stop(workers)
+                raise WorkerError(f"a worker process could not start: {value}")
     except KeyboardInterrupt:
-        for process in workers:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
         stopped = set(running.values())
-        for process in workers:
-            process.join(timeout=60)
+        _stop(workers)
         while True:  # the workers name the cases they stopped in
             try:
                 kind, value, _pid = replies.get(timeout=0.1)
@@ -567,6 +602,15 @@ def run_parallel(cases: Sequence[Case], make_work: Callable[[], CaseWork], n_job
             results[index] = CaseResult(input=str(case.source), name=case.name, status=FAILED,
                                         error=f"{case.source}: not run (every worker process stopped)")
     return [results[i] for i in range(len(cases))]
+
+
+def _stop(workers: list[Any]) -> None:
+    """SIGTERM every worker (each cleans up its case) and wait for them."""
+    for process in workers:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+    for process in workers:
+        process.join(timeout=60)
 
 
 def _fail_dead_workers(workers: list[Any], running: dict[int, int], cases: list[Case],
@@ -606,13 +650,16 @@ def gather_results(results: list[CaseResult], rank: int, world: int) -> list[Cas
     import torch.distributed as dist
 
     created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", timeout=_GATHER_TIMEOUT)
     try:
+        if created:
+            dist.init_process_group("gloo", timeout=_GATHER_TIMEOUT)
         gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object([asdict(r) for r in results], gathered, dst=0)
+    except (RuntimeError, ValueError) as exc:  # no rendezvous (WORLD_SIZE set by hand?), a rank lost
+        raise WorkerError(f"rank {rank} of {world}: cannot gather the ranks' results "
+                          f"({error_line(exc)}); the cases done are complete, run again to report") from None
     finally:
-        if created:
+        if created and dist.is_initialized():
             dist.destroy_process_group()
     if gathered is None:
         return None

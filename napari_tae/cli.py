@@ -285,10 +285,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                            on_result=report)
         except batch.BatchInterrupted as stop:
             where = ", ".join(stop.cases) or "between cases"
-            _logger.error("interrupted in %s; its partial files were removed, finished cases are "
+            _logger.error("interrupted in %s; no partial files are left, finished cases are "
                           "complete; run the same command again to do the rest", where)
             return _EXIT_INTERRUPTED
-    everyone = batch.gather_results(results, rank, world)
+        except batch.WorkerError as exc:
+            raise CLIError(str(exc)) from None
+    try:
+        everyone = batch.gather_results(results, rank, world)
+    except batch.WorkerError as exc:
+        raise CLIError(str(exc)) from None
     if everyone is None:
         return 0  # rank 0 reports for all
     return _report(everyone, out_dir, args.summary)

@@ -238,6 +238,31 @@ def test_resume_redoes_a_partial_set_and_removes_leftovers(inputs, tmp_path):
     assert _assert_only_complete_sets(out_dir) == {"s0", "s1"}
 
 
+def test_files_of_unknown_origin_are_never_replaced_without_overwrite(inputs, tmp_path, caplog):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    hand_mask = out_dir / "s0_mask.nii.gz"
+    hand_mask.write_bytes(b"a mask drawn by hand")
+    args = ["-q", "segment", str(inputs / "s0.nii.gz"), str(inputs / "s1.nii.gz"), "-m", "intensity",
+            "-o", str(out_dir)]
+    with caplog.at_level("ERROR", logger="napari_tae"):
+        assert main(args) == 1
+    assert hand_mask.read_bytes() == b"a mask drawn by hand"
+    assert any("s0_mask.nii.gz" in m and "--overwrite" in m and "overwrite=True" not in m
+               for m in caplog.messages), caplog.messages
+    assert batch.complete_record(_case(out_dir, "s1")) is not None
+    # an output edited after it was written no longer matches its record: kept as well
+    edited = out_dir / "s1_lesions.csv"
+    edited.write_text(edited.read_text() + "99,1,0.1,0.5,0.5,1,1,1\n")
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="napari_tae"):
+        assert main(args) == 2
+    assert any("s1_lesions.csv" in m and "differ from their provenance record" in m for m in caplog.messages)
+    assert edited.read_text().endswith("99,1,0.1,0.5,0.5,1,1,1\n")
+    assert main([*args, "--overwrite"]) == 0
+    assert _assert_only_complete_sets(out_dir) == {"s0", "s1"}
+
+
 def test_live_lock_is_respected_and_stale_ones_broken(tmp_path):
     out_dir = tmp_path
     case = _case(out_dir, "c")
