@@ -349,3 +349,17 @@ def test_calibrated_squash_above_20_percent_is_not_clamped(make_napari_viewer, f
     widget.squash_slider.setValue(5.0)
     widget.reset_squash()
     assert widget.squash_slider.value() == pytest.approx(34.9)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 250.0])
+def test_checkpoint_with_a_calibration_outside_a_percentage_is_refused_not_clamped(
+        make_napari_viewer, files, tmp_path, value):
+    from test_checkpoint import _rewrite
+
+    broken = _rewrite(files["ckpt"], tmp_path / "broken.safetensors",
+                      edit=lambda meta: meta["calibration"].update(default=value))
+    viewer, widget, _, _ = _widget(make_napari_viewer, files)
+    before = (widget.checkpoint_spec(), widget.squash_slider.value(), widget.squash_slider.maximum())
+    assert not widget.load_checkpoint_file(str(broken))
+    assert str(broken) in widget.status.text() and "not a percentage" in widget.status.text()
+    assert (widget.checkpoint_spec(), widget.squash_slider.value(), widget.squash_slider.maximum()) == before
