@@ -358,7 +358,7 @@ def test_checkpoint_with_a_calibration_outside_a_percentage_is_refused_not_clamp
 
     broken = _rewrite(files["ckpt"], tmp_path / "broken.safetensors",
                       edit=lambda meta: meta["calibration"].update(default=value))
-    viewer, widget, _, _ = _widget(make_napari_viewer, files)
+    _, widget, _, _ = _widget(make_napari_viewer, files)
     before = (widget.checkpoint_spec(), widget.squash_slider.value(), widget.squash_slider.maximum())
     assert not widget.load_checkpoint_file(str(broken))
     assert str(broken) in widget.status.text() and "not a percentage" in widget.status.text()
