@@ -34,18 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # that altered the numbers would show
 TINY = {"img_size": 64, "embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8}
 CALIBRATION = {"p99": 2.0, "p99.5": 3.0, "p99.9": 4.0, "default": 2.0}
-# runs napari-tae segment with each inference slowed down, so a signal lands inside a case and two
-# runs overlap; the product code is unchanged
-SLOW_DRIVER = """
-import sys, time
-import napari_tae.inference as inference
-real = inference.segment
-def slow(*args, **kwargs):
-    time.sleep(float(sys.argv[1]))
-    return real(*args, **kwargs)
-inference.segment = slow
-from napari_tae.cli import main
-sys.exit(main(sys.argv[2:]))
+# imported at start-up by every Python process of a test run (workers included): slows each
+# inference down, so a signal lands inside a case and two runs overlap; the product is unchanged
+SLOW_SITECUSTOMIZE = """
+import os, time
+delay = float(os.environ.get("NAPARI_TAE_TEST_SLOW_S", "0"))
+if delay:
+    import napari_tae.inference as inference
+    real = inference.segment
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return real(*args, **kwargs)
+    inference.segment = slow
 """
 
 
@@ -68,14 +68,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                            calibration=CALIBRATION)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _env(slow_dir: Path | None = None, delay: float = 0.0) -> dict[str, str]:
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    if slow_dir is not None:
+        (slow_dir / "sitecustomize.py").write_text(SLOW_SITECUSTOMIZE)
+        paths.insert(0, str(slow_dir))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "NAPARI_TAE_TEST_SLOW_S": str(delay)}
 
 
-def _slow_command(tmp_path: Path, delay: float, *args: str) -> list[str]:
-    driver = tmp_path / "slow_segment.py"
-    driver.write_text(SLOW_DRIVER)
-    return [sys.executable, str(driver), str(delay), *args]
+def _segment_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "napari_tae.cli", *args]
 
 
 def _case(out_dir: Path, name: str) -> batch.Case:
@@ -348,37 +350,58 @@ def _wait_for(predicate, timeout: float = 180.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_mid_batch_leaves_only_complete_sets_and_rerun_finishes(inputs, tmp_path, signum):
-    out_dir = tmp_path / "out"
-    command = _slow_command(tmp_path, 1.0, "segment", str(inputs), "-m", "intensity", "-o", str(out_dir))
-    process = subprocess.Popen(command, env=_env(), stderr=subprocess.PIPE, text=True)
+def _interrupt_mid_batch(tmp_path: Path, inputs: Path, out_dir: Path, signum: int, *extra: str) -> str:
+    """Start ``python -m napari_tae.cli segment`` (1 s per inference), signal it once the first
+    case is complete and another is under way, as Ctrl-C does (the whole process group); its
+    stderr."""
+    command = _segment_command("segment", str(inputs), "-m", "intensity", "-o", str(out_dir), *extra)
+    process = subprocess.Popen(command, env=_env(tmp_path, 1.0), stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
         _wait_for(lambda: list(out_dir.glob("*_provenance.json")) or process.poll() is not None)
-        # the next case is being computed (1 s) or committed: stop it there
         time.sleep(0.3)
-        process.send_signal(signum)
+        os.killpg(process.pid, signum)
         _, err = process.communicate(timeout=120)
     finally:
-        process.kill()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, err
-    stopped = [line for line in err.splitlines() if "interrupted in" in line]
-    assert len(stopped) == 1 and str(inputs / "s") in stopped[0] and "run the same command again" in stopped[0], err
-    done = _assert_only_complete_sets(out_dir)
-    assert 1 <= len(done) < 5
-    assert main(["-q", "segment", str(inputs), "-m", "intensity", "-o", str(out_dir), "--summary",
-                 str(tmp_path / "s.json")]) == 0
-    rows = _summary(tmp_path / "s.json")
+    return err
+
+
+def _rerun_finishes(inputs: Path, out_dir: Path, done: set[str], summary: Path) -> None:
+    assert main(["-q", "segment", str(inputs), "-m", "intensity", "-o", str(out_dir), "--summary", str(summary)]) == 0
+    rows = _summary(summary)
     assert {n for n, r in rows.items() if r["status"] == "skipped"} == done
     assert {n for n, r in rows.items() if r["status"] == "done"} == {f"s{i}" for i in range(5)} - done
     assert _assert_only_complete_sets(out_dir) == {f"s{i}" for i in range(5)}
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_batch_leaves_only_complete_sets_and_rerun_finishes(inputs, tmp_path, signum):
+    out_dir = tmp_path / "out"
+    err = _interrupt_mid_batch(tmp_path, inputs, out_dir, signum)
+    stopped = [line for line in err.splitlines() if "interrupted in" in line]
+    assert len(stopped) == 1 and str(inputs / "s") in stopped[0] and "run the same command again" in stopped[0], err
+    done = _assert_only_complete_sets(out_dir)
+    assert 1 <= len(done) < 5
+    _rerun_finishes(inputs, out_dir, done, tmp_path / "s.json")
+
+
+def test_ctrl_c_stops_jobs_workers_cleanly(inputs, tmp_path):
+    out_dir = tmp_path / "out"
+    err = _interrupt_mid_batch(tmp_path, inputs, out_dir, signal.SIGINT, "--jobs", "2")
+    assert "interrupted in" in err and "Traceback" not in err, err
+    done = _assert_only_complete_sets(out_dir)
+    assert 1 <= len(done) < 5
+    _rerun_finishes(inputs, out_dir, done, tmp_path / "s.json")
+
+
 def test_two_concurrent_runs_never_mix_or_repeat(inputs, tmp_path):
     out_dir = tmp_path / "out"
-    runs = [subprocess.Popen(_slow_command(tmp_path, 0.4, "-q", "segment", str(inputs), "-m", "intensity",
-                                           "-o", str(out_dir), "--summary", str(tmp_path / f"run{i}.json")),
-                             env=_env(), stderr=subprocess.PIPE, text=True) for i in range(2)]
+    runs = [subprocess.Popen(_segment_command("-q", "segment", str(inputs), "-m", "intensity", "-o", str(out_dir),
+                                              "--summary", str(tmp_path / f"run{i}.json")),
+                             env=_env(tmp_path, 0.4), stderr=subprocess.PIPE, text=True) for i in range(2)]
     errs = [run.communicate(timeout=300)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], errs
     summaries = [_summary(tmp_path / f"run{i}.json") for i in range(2)]
