@@ -6,8 +6,8 @@ in one output folder. A case is written under its lock (``.<name>.lock``, create
 with the provenance record last; the record lists every file of the set with its size and
 sha256, and a case is *complete* when its record is readable and every file it lists is there
 with that size. Complete cases made with the same request (input hash, checkpoint, settings) are
-skipped, anything else found under the case's names is redone; ``overwrite`` replaces complete
-cases too.
+skipped; what a killed run left is redone; other files under the case's names are never replaced
+without ``overwrite``.
 
 The work per case (segmenting, writing the files) is a :class:`CaseWork` given by the caller
 (``napari-tae segment`` in :mod:`napari_tae.cli`); this module runs it one case at a time, in
@@ -35,7 +35,7 @@ from typing import Any, Protocol, Self
 
 from napari_tae._atomic import FileSet, temporary_patterns, write_text_atomic
 from napari_tae.export import OUTPUT_KINDS
-from napari_tae.io import error_line, same_file
+from napari_tae.io import error_line
 
 __all__ = [
     "BatchInterrupted",
@@ -114,14 +114,15 @@ def prepare_output_folder(folder: str | os.PathLike) -> Path:
         raise OutputFolderError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
     probe = folder / f".napari-tae-probe-{socket.gethostname()}-{os.getpid()}"
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:  # a probe of a dead run with our pid: writable all the same
-        probe.unlink(missing_ok=True)
-        return folder
+        try:
+            fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:  # a probe of a dead run with our pid: removing it proves as much
+            probe.unlink()
+            return folder
+        os.close(fd)
+        probe.unlink()
     except OSError as exc:
         raise OutputFolderError(f"{folder}: the output folder is not writable ({exc.strerror or exc})") from None
-    os.close(fd)
-    probe.unlink(missing_ok=True)
     return folder
 
 
@@ -169,18 +170,32 @@ def plan_cases(files: Sequence[Path], folder: Path, name_of: Callable[[Path], st
     an input, are failures (checked before any model runs)."""
     cases: dict[str, Case] = {}
     failed: list[CaseResult] = []
+    inputs = _file_keys(files)  # one pass: a cohort of thousands must not cost n x n path checks
     for source in files:
         name = name_of(source)
         if name in cases:
             failed.append(_failure(source, name, f"same output name '{name}' as {cases[name].source}; rename one"))
             continue
         case = Case(source=source, name=name, folder=folder)
-        clash = next((out for out in case.targets().values() if any(same_file(out, f) for f in files)), None)
+        clash = next((out for out in case.targets().values() if _file_keys([out]) & inputs), None)
         if clash is not None:
             failed.append(_failure(source, name, f"output {clash} is one of the inputs; choose another --out-dir"))
             continue
         cases[name] = case
     return [cases[name] for name in sorted(cases)], failed
+
+
+def _file_keys(paths: Sequence[Path]) -> set[Any]:
+    """Resolved paths, and device and inode of those that exist (hard links are one file too)."""
+    keys: set[Any] = set()
+    for path in paths:
+        keys.add(os.path.realpath(path))
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        keys.add((info.st_dev, info.st_ino))
+    return keys
 
 
 def _failure(source: Path, name: str, problem: str) -> CaseResult:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import _write_case
+from test_cli import _logged, _write_case
 
 from napari_tae import batch
 from napari_tae.cli import main
@@ -147,7 +147,7 @@ def test_unwritable_out_dir_is_named_before_the_model(inputs, tmp_path, capsys, 
     assert "/." not in err  # never a hidden temporary or probe name
 
 
-def test_write_error_names_the_output_file_not_a_temporary(inputs, tmp_path, caplog, monkeypatch):
+def test_write_error_names_the_output_file_not_a_temporary(inputs, tmp_path, capsys, monkeypatch):
     import nibabel
 
     def disk_full(_img, filename):
@@ -155,9 +155,8 @@ def test_write_error_names_the_output_file_not_a_temporary(inputs, tmp_path, cap
 
     monkeypatch.setattr(nibabel, "save", disk_full)
     out_dir = tmp_path / "out"
-    with caplog.at_level("ERROR", logger="napari_tae"):
-        assert main(["-q", "segment", str(inputs / "s0.nii.gz"), "-m", "intensity", "-o", str(out_dir)]) == 1
-    errors = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
+    assert main(["-q", "segment", str(inputs / "s0.nii.gz"), "-m", "intensity", "-o", str(out_dir)]) == 1
+    errors = [m for m in _logged(capsys, "ERROR") if "No space left" in m]
     assert errors and str(out_dir / "s0_reconstruction.nii.gz") in errors[0], errors
     assert "/." not in errors[0]
     assert not list(out_dir.iterdir())  # nothing half-written, no temporary, no lock
@@ -240,26 +239,24 @@ def test_resume_redoes_a_partial_set_and_removes_leftovers(inputs, tmp_path):
     assert _assert_only_complete_sets(out_dir) == {"s0", "s1"}
 
 
-def test_files_of_unknown_origin_are_never_replaced_without_overwrite(inputs, tmp_path, caplog):
+def test_files_of_unknown_origin_are_never_replaced_without_overwrite(inputs, tmp_path, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     hand_mask = out_dir / "s0_mask.nii.gz"
     hand_mask.write_bytes(b"a mask drawn by hand")
     args = ["-q", "segment", str(inputs / "s0.nii.gz"), str(inputs / "s1.nii.gz"), "-m", "intensity",
             "-o", str(out_dir)]
-    with caplog.at_level("ERROR", logger="napari_tae"):
-        assert main(args) == 1
+    assert main(args) == 1
     assert hand_mask.read_bytes() == b"a mask drawn by hand"
-    assert any("s0_mask.nii.gz" in m and "--overwrite" in m and "overwrite=True" not in m
-               for m in caplog.messages), caplog.messages
+    errors = _logged(capsys, "ERROR")
+    assert any("s0_mask.nii.gz" in m and "--overwrite" in m and "overwrite=True" not in m for m in errors), errors
     assert batch.complete_record(_case(out_dir, "s1")) is not None
     # an output edited after it was written no longer matches its record: kept as well
     edited = out_dir / "s1_lesions.csv"
     edited.write_text(edited.read_text() + "99,1,0.1,0.5,0.5,1,1,1\n")
-    caplog.clear()
-    with caplog.at_level("ERROR", logger="napari_tae"):
-        assert main(args) == 2
-    assert any("s1_lesions.csv" in m and "differ from their provenance record" in m for m in caplog.messages)
+    assert main(args) == 2
+    errors = _logged(capsys, "ERROR")
+    assert any("s1_lesions.csv" in m and "differ from their provenance record" in m for m in errors), errors
     assert edited.read_text().endswith("99,1,0.1,0.5,0.5,1,1,1\n")
     assert main([*args, "--overwrite"]) == 0
     assert _assert_only_complete_sets(out_dir) == {"s0", "s1"}
