@@ -56,7 +56,7 @@ __all__ = [
     "run_cases",
     "run_parallel",
     "shard",
-    "stop_on_sigterm",
+    "stop_on_signals",
     "write_summary",
 ]
 
@@ -484,20 +484,32 @@ def _write_set(case: Case, work: CaseWork, files: FileSet, request: dict[str, An
 
 
 @contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM (``kill``, a job scheduler, torchrun) stops the block as Ctrl-C does."""
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT (Ctrl-C) or SIGTERM (``kill``, a job scheduler, torchrun) stops the block with
+    KeyboardInterrupt, once: later signals are ignored so they cannot cut the clean-up short.
+
+    A signal the shell set to be ignored (``nohup``, ``&`` in a script) stays ignored.
+    """
+    sigs = (signal.SIGINT, signal.SIGTERM)
+
     def interrupt(_signum: int, _frame: object) -> None:
+        for sig in sigs:
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {sig: signal.getsignal(sig) for sig in sigs}
+        for sig in sigs:
+            if previous[sig] != signal.SIG_IGN:
+                signal.signal(sig, interrupt)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_cases(cases: Sequence[Case], work: CaseWork, *, overwrite: bool,
@@ -529,7 +541,7 @@ def _worker(make_work: Callable[[], CaseWork], cases: list[Case], overwrite: boo
     torch.set_num_threads(threads)
     current = None
     try:
-        with stop_on_sigterm():
+        with stop_on_signals():
             work = make_work()
             while (index := tasks.get()) is not None:
                 current = index
@@ -538,8 +550,8 @@ def _worker(make_work: Callable[[], CaseWork], cases: list[Case], overwrite: boo
                 current = None
     except KeyboardInterrupt:
         # run_case has cleaned up; a second signal must not cut the report short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         results.put(("interrupted", current, os.getpid()))
     except Exception as exc:  # noqa: BLE001 - the parent reports it; a traceback wall helps no one
         results.put(("crashed", error_line(exc), os.getpid()))
@@ -593,10 +605,12 @@ def run_parallel(cases: Sequence[Case], make_work: Callable[[], CaseWork], n_job
                 on_result(detail)
             elif kind == "crashed":
                 _stop(workers)
-                raise WorkerError(f"a worker process could not start: {value}")
+                raise WorkerError(f"a worker process failed: {value}")
     except KeyboardInterrupt:
         stopped = set(running.values())
-        _stop(workers)
+        # Ctrl-C reaches the workers too: give them a moment to clean up before SIGTERM, which
+        # stops those it did not reach (a signal sent to this process alone)
+        _stop(workers, grace_s=2.0)
         while True:  # the workers name the cases they stopped in
             try:
                 kind, value, _pid = replies.get(timeout=0.1)
@@ -606,7 +620,8 @@ def run_parallel(cases: Sequence[Case], make_work: Callable[[], CaseWork], n_job
                 stopped.add(value)
             elif kind == "result":
                 stopped.discard(value)
-        raise BatchInterrupted([cases[i].source for i in sorted(stopped)]) from None
+        # a signal held back during a commit arrives once that set is complete
+        raise BatchInterrupted([cases[i].source for i in sorted(stopped) if complete_record(cases[i]) is None]) from None
     finally:
         for process in workers:
             process.join(timeout=5)
@@ -619,8 +634,11 @@ def run_parallel(cases: Sequence[Case], make_work: Callable[[], CaseWork], n_job
     return [results[i] for i in range(len(cases))]
 
 
-def _stop(workers: list[Any]) -> None:
-    """SIGTERM every worker (each cleans up its case) and wait for them."""
+def _stop(workers: list[Any], grace_s: float = 0.0) -> None:
+    """SIGTERM every worker still running after ``grace_s`` (each cleans up its case); wait for them."""
+    end = time.monotonic() + grace_s
+    for process in workers:
+        process.join(timeout=max(0.0, end - time.monotonic()))
     for process in workers:
         if process.is_alive():
             os.kill(process.pid, signal.SIGTERM)

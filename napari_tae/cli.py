@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from napari_tae import batch
+from napari_tae._atomic import FileSet
 from napari_tae.batch import Case, CaseResult
 from napari_tae.export import OUTPUT_KINDS
 from napari_tae.io import NIFTI_SUFFIXES, error_line, nifti_files, nifti_stem
@@ -162,7 +163,7 @@ class Segmenter:
             "brain_mask_sha256": None if brain is None else _digest(brain),
         }
 
-    def __call__(self, case: Case, files: Any) -> dict[str, Any]:
+    def __call__(self, case: Case, files: FileSet) -> dict[str, Any]:
         from napari_tae.export import provenance_record, write_lesion_csv
         from napari_tae.inference import segment
         from napari_tae.io import load_volume, save_volume
@@ -272,7 +273,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if rank > 0:
         results = []  # planning failures are reported once, by rank 0
     mine = batch.shard(cases, rank, world)
-    with batch.stop_on_sigterm(), _progress(len(mine), args.quiet or rank > 0) as bar:
+    with batch.stop_on_signals(), _progress(len(mine), args.quiet or rank > 0) as bar:
         for failure in results:
             _logger.error("%s", failure.error)
         report = functools.partial(_log_result, bar=bar)
