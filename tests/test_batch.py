@@ -465,3 +465,16 @@ def test_torchrun_two_ranks_same_voxels_each_case_once(inputs, tiny_checkpoint, 
     assert sorted(rows) == [f"s{i}" for i in range(5)] and {r["status"] for r in rows.values()} == {"done"}
     _assert_same_voxels(out_dir, one_process)
     _assert_only_complete_sets(out_dir)
+
+
+def test_jobs_refused_on_a_gpu_and_under_torchrun(inputs, tmp_path, capsys, monkeypatch):
+    from napari_tae import inference
+
+    monkeypatch.setattr(inference, "select_device", lambda _name: torch.device("cuda"))
+    assert main(["segment", str(inputs), "-o", str(tmp_path), "--jobs", "2"]) == 2
+    assert "--jobs is for CPU runs" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["segment", str(inputs), "-o", str(tmp_path), "--jobs", "2"]) == 2
+    assert "under torchrun use --nproc_per_node" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
