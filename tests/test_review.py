@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import socket
 
 import nibabel as nib
 import numpy as np
@@ -210,6 +212,19 @@ def test_export_round_trip_and_refusals(tmp_path):
     assert prov["settings"]["median_kernel"] == 3 and prov["lesions"] == len(rows)
     assert prov["software"]["napari_tae"] and prov["date"]
     assert prov["outputs"]["mask"] == str(paths["mask"].resolve())
+    # committed as one set, as the CLI's: the record lists the other files with their hashes
+    from napari_tae.export import file_sha256
+
+    assert {k: v["sha256"] for k, v in prov["files"].items()} == {
+        k: file_sha256(paths[k]) for k in ("mask", "residual", "lesions")}
+    assert prov["lesion_volume_ml"] == pytest.approx(sum(float(r["volume_ml"]) for r in rows))
+    assert sorted(os.listdir(out)) == sorted(p.name for p in paths.values())  # no temporary, no lock
+    # a batch writing this case right now holds its lock: the export waits for nothing and says so
+    (out / ".case2.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                 "taken": "now"}))
+    with pytest.raises(ExportError, match="being written by pid"):
+        export_results(out, "case2", mask=labels, state=st, input_file=str(src))
+    assert not (out / "case2_mask.nii.gz").exists()
 
     with pytest.raises(ExportError, match="exists"):
         export_results(out, "case1", mask=labels, state=st, input_file=str(src))
