@@ -221,9 +221,17 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _boot_id() -> str | None:
+    """This machine's boot id (Linux): containers that share a host name on two machines differ here."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
 def _holder_alive(holder: dict[str, Any]) -> bool:
     """Whether the run that wrote a lock may still be running (see the lock rule in docs/batch.md)."""
-    if holder.get("host") != socket.gethostname():
+    if holder.get("host") != socket.gethostname() or holder.get("boot") not in (None, _boot_id()):
         return True  # another machine's process cannot be checked from here
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
@@ -269,7 +277,8 @@ class CaseLock:
 
     def acquire(self) -> None:
         """Take the lock, breaking a stale one; raises :class:`CaseLocked` naming a live holder."""
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(),
+                  "process_start": _process_start(os.getpid()),
                   "taken": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
         for _attempt in range(3):
             try:

@@ -270,6 +270,7 @@ def test_live_lock_is_respected_and_stale_ones_broken(tmp_path):
     for holder, live in [
         (me, True),
         ({**me, "host": "another-node"}, True),  # cannot be checked from here: respected
+        ({**me, "boot": "another-machine"}, True),  # same host name, another machine's boot
         ({**me, "process_start": "1"}, False),  # our pid, but another process (pid reused)
         ({**me, "pid": 2 ** 22 + 7}, False),  # beyond pid_max: no such process
     ]:
