@@ -47,6 +47,7 @@ __all__ = [
     "OutputFolderError",
     "WorkerError",
     "complete_record",
+    "failure",
     "gather_results",
     "is_output_file",
     "plan_cases",
@@ -134,11 +135,12 @@ def is_output_file(path: str | os.PathLike) -> bool:
 
 @dataclass(frozen=True)
 class Case:
-    """One input and the folder its output set goes to."""
+    """One input and the folder its output set goes to (``series``: the DICOM series of a folder)."""
 
     source: Path
     name: str
     folder: Path
+    series: Any = None
 
     def target(self, kind: str) -> Path:
         return self.folder / f"{self.name}{OUTPUT_KINDS[kind]}"
@@ -164,24 +166,24 @@ class CaseResult:
     error: str | None = None
 
 
-def plan_cases(files: Sequence[Path], folder: Path, name_of: Callable[[Path], str]
-               ) -> tuple[list[Case], list[CaseResult]]:
-    """Cases sorted by name; inputs whose name repeats another's, or whose outputs would land on
-    an input, are failures (checked before any model runs)."""
+def plan_cases(candidates: Sequence[Case]) -> tuple[list[Case], list[CaseResult]]:
+    """The cases sorted by name; one whose name repeats another's, or whose outputs would land
+    on an input, is a failure (checked before any model runs)."""
     cases: dict[str, Case] = {}
     failed: list[CaseResult] = []
-    inputs = _file_keys(files)  # one pass: a cohort of thousands must not cost n x n path checks
-    for source in files:
-        name = name_of(source)
-        if name in cases:
-            failed.append(_failure(source, name, f"same output name '{name}' as {cases[name].source}; rename one"))
+    # one pass: a cohort of thousands must not cost n x n path checks
+    inputs = _file_keys([c.source for c in candidates])
+    for case in candidates:
+        if case.name in cases:
+            failed.append(failure(case.source, case.name,
+                                  f"same output name '{case.name}' as {cases[case.name].source}; rename one"))
             continue
-        case = Case(source=source, name=name, folder=folder)
         clash = next((out for out in case.targets().values() if _file_keys([out]) & inputs), None)
         if clash is not None:
-            failed.append(_failure(source, name, f"output {clash} is one of the inputs; choose another --out-dir"))
+            failed.append(failure(case.source, case.name,
+                                  f"output {clash} is one of the inputs; choose another --out-dir"))
             continue
-        cases[name] = case
+        cases[case.name] = case
     return [cases[name] for name in sorted(cases)], failed
 
 
@@ -198,7 +200,8 @@ def _file_keys(paths: Sequence[Path]) -> set[Any]:
     return keys
 
 
-def _failure(source: Path, name: str, problem: str) -> CaseResult:
+def failure(source: Path, name: str, problem: str) -> CaseResult:
+    """A failed row of the summary, its message naming the input."""
     return CaseResult(input=str(source), name=name, status=FAILED, error=error_line(ValueError(problem), source))
 
 

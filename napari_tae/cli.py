@@ -2,8 +2,10 @@
 
 ``napari-tae segment`` runs the same code path as the plugin (:func:`napari_tae.inference.segment`,
 Ghorbel et al., "Transformer based Models for Unsupervised Anomaly Segmentation in Brain MR Images",
-BrainLes 2022, https://arxiv.org/abs/2207.02059) on many NIfTI files and writes, per input, the
-reconstruction, residual and mask on the input's grid, a lesion table and a provenance record.
+BrainLes 2022, https://arxiv.org/abs/2207.02059) on many NIfTI files or DICOM series and writes,
+per input, the reconstruction, residual and mask on the input's grid, a lesion table and a
+provenance record; for a DICOM series also a DICOM SEG of the mask referencing it. Each input's
+outputs are committed as one set (:mod:`napari_tae.batch`, rules in ``docs/batch.md``).
 ``napari-tae models`` lists the model zoo and the bundled checkpoints; ``napari-tae demo`` opens
 napari with the sample volume and the anomaly widget.
 
@@ -25,11 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from napari_tae import batch
+from napari_tae import batch, dicom
 from napari_tae._atomic import FileSet
 from napari_tae.batch import Case, CaseResult
 from napari_tae.export import OUTPUT_KINDS
-from napari_tae.io import NIFTI_SUFFIXES, error_line, nifti_files, nifti_stem
+from napari_tae.io import (
+    NIFTI_SUFFIXES,
+    VolumeError,
+    error_line,
+    nifti_files,
+    nifti_stem,
+)
 from napari_tae.options import DEVICE_CHOICES, MEDIAN_MODES, check_median_kernel
 
 __all__ = [
@@ -42,8 +50,10 @@ __all__ = [
 
 _logger = logging.getLogger("napari_tae.cli")
 
-#: Files written per input, ``<name><suffix>`` in the output folder (from ``export.OUTPUT_KINDS``).
-OUTPUT_SUFFIXES = tuple(OUTPUT_KINDS.values())
+#: Kinds of ``export.OUTPUT_KINDS`` written for DICOM inputs only.
+_DICOM_ONLY_KINDS = ("seg",)
+#: Files written per NIfTI input, ``<name><suffix>`` in the output folder (a DICOM input adds the SEG).
+OUTPUT_SUFFIXES = tuple(suffix for kind, suffix in OUTPUT_KINDS.items() if kind not in _DICOM_ONLY_KINDS)
 #: Exit statuses above 125 mean "killed by a signal" or "command not found" to a shell.
 _MAX_EXIT = 125
 _EXIT_INTERRUPTED = 130
@@ -58,23 +68,32 @@ class CLIError(ValueError):
 # helpers shared by the subcommands
 
 
-def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (their NIfTI files, sorted, not recursive) into a file list.
+def _is_dicom_input(path: Path) -> bool:
+    """A folder holding DICOM files other than napari-tae's own SEG outputs."""
+    return dicom.is_dicom_folder(path) and any(not batch.is_output_file(f) for f in dicom.dicom_files(path))
 
-    A folder's files named like napari-tae outputs (``*_residual.nii.gz``, ...) are skipped, so a
-    folder that is also the output folder is not segmented again. Paths that do not exist are
-    kept, so the batch reports them by name as failures instead of silently dropping them. A
-    folder without input volumes is an error.
+
+def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into the inputs: NIfTI files, and DICOM folders as themselves.
+
+    A folder holding DICOM files is one DICOM input (its series are chosen by
+    :func:`_plan_cases`); any other folder stands for its NIfTI files (sorted, not recursive),
+    skipping those named like napari-tae outputs (``*_residual.nii.gz``, ...), so a folder that
+    is also the output folder is not segmented again. Paths that do not exist are kept, so the
+    batch reports them by name as failures instead of silently dropping them. A folder with
+    neither is an error.
     """
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if _is_dicom_input(path):
+            files.append(path)
+        elif path.is_dir():
             found = nifti_files(path)
             volumes = [f for f in found if not batch.is_output_file(f)]
             if not volumes:
                 skipped = f" (only {len(found)} napari-tae output file(s))" if found else ""
-                raise CLIError(f"{path}: folder holds no .nii or .nii.gz input volume{skipped}")
+                raise CLIError(f"{path}: folder holds no NIfTI (.nii, .nii.gz) or DICOM file{skipped}")
             if len(volumes) < len(found):
                 _logger.info("%s: skipped %d file(s) named like napari-tae outputs", path,
                              len(found) - len(volumes))
@@ -98,6 +117,48 @@ def _load_model(name_or_path: str) -> tuple[Any, Any, Path | None]:
 
 # --------------------------------------------------------------------------------------------
 # segment
+
+
+def _choose_series(folder: Path, series_uid: str | None) -> dicom.DicomSeries:
+    """The folder's series ``series_uid``, or its only series (``series_uid`` may name a series of
+    another input folder); CLIError listing the series when that does not decide."""
+    found = dicom.list_series(folder)
+    try:
+        return dicom.pick_series(found, series_uid if len(found) > 1 else None)
+    except VolumeError as exc:
+        # several series and no (right) choice: the command must change, so nothing runs
+        raise CLIError(str(exc)) from None
+
+
+def _plan_cases(files: list[Path], out_dir: Path, series_uid: str | None = None
+                ) -> tuple[list[Case], list[CaseResult]]:
+    """The cases of the inputs (:func:`napari_tae.batch.plan_cases`) and the inputs that failed.
+
+    A DICOM input is named after its series' description (else its folder), and writes the SEG
+    too. ``series_uid`` picks the series of the folder that holds it.
+    """
+    candidates: list[Case] = []
+    failed: list[CaseResult] = []
+    names: set[str] = set()
+    for source in files:
+        series = None
+        if _is_dicom_input(source):
+            try:
+                series = _choose_series(source, series_uid)
+            except VolumeError as exc:
+                failed.append(batch.failure(source, source.name, exc.problem))
+                continue
+            name = dicom.output_name(series)
+            if name in names:  # two studies of the same protocol: tell them by their folders
+                name = f"{source.resolve().name}_{name}"
+        else:
+            name = nifti_stem(source)
+        names.add(name)
+        candidates.append(Case(source=source, name=name, folder=out_dir, series=series))
+    if series_uid is not None and not any(c.series and c.series.uid == series_uid for c in candidates):
+        raise CLIError(f"--series {series_uid}: no input DICOM folder holds this series")
+    cases, clashes = batch.plan_cases(candidates)
+    return cases, failed + clashes
 
 
 def _brain_mask_file(case: Case, brain_arg: str | None) -> Path | None:
@@ -138,6 +199,18 @@ def _digest(path: Path) -> str | None:
     return file_sha256(path) if path.is_file() else None
 
 
+def _input_digest(case: Case) -> str | None:
+    """sha256 of the input: the file, or the files of the case's DICOM series in order."""
+    if case.series is None:
+        return _digest(case.source)
+    import hashlib
+
+    combined = hashlib.sha256()
+    for header in case.series.headers:
+        combined.update(f"{_digest(Path(header.filename))}\n".encode())
+    return combined.hexdigest()
+
+
 class Segmenter:
     """The per-case work of ``napari-tae segment`` (a :class:`napari_tae.batch.CaseWork`).
 
@@ -154,7 +227,8 @@ class Segmenter:
         args = self.args
         brain = _brain_mask_file(case, args.brain_mask)
         return {
-            "input_sha256": _digest(case.source),
+            "input_sha256": _input_digest(case),
+            "dicom_series_uid": None if case.series is None else case.series.uid,
             "weights_sha256": getattr(self.meta, "sha256", "intensity"),
             "median_kernel": args.median_kernel,
             "median_mode": args.median_mode,
@@ -171,7 +245,7 @@ class Segmenter:
         args = self.args
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            volume = load_volume(case.source)
+            volume = dicom.load_series(case.series) if case.series is not None else load_volume(case.source)
             brain = _brain_mask_for(_brain_mask_file(case, args.brain_mask), case, volume.geometry)
             result = segment(volume, self.model, self.meta, kernel=args.median_kernel, squash=args.squash,
                              mode=args.median_mode, min_size=args.min_size, brain=brain, device=args.device)
@@ -187,6 +261,9 @@ class Segmenter:
         settings = dict(result.settings)
         settings.setdefault("device", args.device)
         settings["brain_mask_supplied"] = args.brain_mask is not None
+        if case.series is not None:
+            dicom.write_seg(result.mask, geometry, case.series, files.temporary("seg"), overwrite=True)
+            settings["dicom_series_uid"] = case.series.uid
         return provenance_record(
             input_file=case.source, checkpoint=self.checkpoint, meta=self.meta, settings=settings,
             outputs=case.targets([*files.written, "provenance"]), n_lesions=len(result.lesions),
@@ -262,6 +339,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         batch.prepare_output_folder(out_dir)
     except batch.OutputFolderError as exc:
         raise CLIError(str(exc)) from None
+    # planned before the model: a DICOM folder with several series and no --series stops here
+    cases, results = _plan_cases(files, out_dir, args.series)
     if args.checkpoint is None:
         from napari_tae.checkpoint import default_checkpoint
 
@@ -269,7 +348,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     args.device = _rank_device(args.device, local_rank, world)
     # the model is loaded once, before any file, so a bad checkpoint fails fast
     loaded = _load_model(args.checkpoint)
-    cases, results = batch.plan_cases(files, out_dir, nifti_stem)
     if rank > 0:
         results = []  # planning failures are reported once, by rank 0
     mine = batch.shard(cases, rank, world)
@@ -456,15 +534,25 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment",
         parents=[common],
-        help="segment NIfTI files or folders headlessly",
+        help="segment NIfTI files, folders of them or DICOM series headlessly",
         description="For each input writes <name>_reconstruction/_residual/_mask.nii.gz on the "
-        "input's grid, <name>_lesions.csv and <name>_provenance.json, as one set: an input's "
-        "outputs are complete or absent. Complete sets made with the same settings are skipped, "
-        "incomplete ones redone. Runs unchanged under torchrun --nproc_per_node N. Exit status: "
-        "number of failed inputs (capped at 125), 2 for a usage error, 130 when interrupted.",
+        "input's grid, <name>_lesions.csv and <name>_provenance.json; a DICOM series also gets "
+        "<name>_mask.seg.dcm (DICOM SEG referencing the series), <name> being its "
+        "SeriesDescription or folder name. An input's outputs are written as one set: complete or "
+        "absent. Complete sets made with the same settings are skipped, those a killed run left "
+        "redone. Runs unchanged under torchrun --nproc_per_node N. Exit status: number of failed "
+        "inputs (capped at 125), 2 for a usage error, 130 when interrupted.",
     )
     io_group = seg.add_argument_group("input and output")
-    io_group.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or folders of them")
+    io_group.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="NIfTI files, folders of them, or folders holding a DICOM series",
+    )
+    io_group.add_argument(
+        "--series", metavar="UID",
+        help="SeriesInstanceUID to segment in a DICOM folder holding several series "
+        "(without it such a folder is refused with the list of its series)",
+    )
     io_group.add_argument("-o", "--out-dir", required=True, help="output folder (created if missing)")
     io_group.add_argument(
         "--overwrite", action="store_true",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from napari_tae._atomic import atomic_path
+from napari_tae.export import OUTPUT_KINDS
 from napari_tae.io import (
     MAX_AXIS,
     MAX_VOXELS,
@@ -55,7 +56,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 #: Output file ending of the DICOM SEG written beside the NIfTI outputs.
-SEG_SUFFIX = "_mask.seg.dcm"
+SEG_SUFFIX = OUTPUT_KINDS["seg"]
 #: Gaps between consecutive slices may differ from their median by this fraction (a missing
 #: slice doubles a gap; DS rounding of ImagePositionPatient is ~1e-5 mm).
 GAP_TOLERANCE = 0.01
@@ -433,7 +434,7 @@ def write_seg(
     if not _on_series_grid(geometry, slices):
         raise VolumeError(path, f"the mask is not on the grid of series {series.uid}")
     if os.path.exists(path) and not overwrite:
-        raise VolumeError(path, "file exists (pass overwrite=True to replace it)")
+        raise VolumeError(path, "file exists; not replaced (--overwrite, or overwrite=True from Python, replaces it)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise VolumeError(path, "output folder does not exist")
     # napari (S, A, R) -> file axes (column, row, slice) -> SEG frames (slice, row, column)

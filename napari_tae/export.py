@@ -42,6 +42,7 @@ OUTPUT_KINDS = {
     "residual": "_residual.nii.gz",
     "mask": "_mask.nii.gz",
     "lesions": "_lesions.csv",
+    "seg": "_mask.seg.dcm",  # DICOM inputs only: the mask as a DICOM SEG referencing the series
     "provenance": "_provenance.json",
 }
 #: What the plugin's export writes (the reconstruction stays in the viewer).
@@ -149,7 +150,7 @@ def provenance_record(
         "outputs": {k: str(Path(p).resolve()) for k, p in outputs.items()},
         "files": files,
         "software": {"napari_tae": __version__, "command": command},
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     })
 
 

@@ -537,8 +537,12 @@ def test_cli_segments_a_series_and_writes_its_seg(flair_case, tmp_path):
         np.testing.assert_array_equal(frame, mask[:, :, k].T)
         on_slices.append(k)
     assert sorted(on_slices) == [k for k in range(mask.shape[2]) if mask[:, :, k].any()]
-    # again without --overwrite: refused before anything is computed
-    assert main([*args, str(flair_case["folder"]), "--series", flair.uid]) == 1
+    # again: the set is complete, with the same request: skipped, nothing rewritten
+    stamp = (out / f"AX_FLAIR{SEG_SUFFIX}").stat().st_mtime_ns
+    assert main([*args, str(flair_case["folder"]), "--series", flair.uid]) == 0
+    assert (out / f"AX_FLAIR{SEG_SUFFIX}").stat().st_mtime_ns == stamp
+    record = json.loads((out / "AX_FLAIR_provenance.json").read_text())
+    assert set(record["files"]) == {"reconstruction", "residual", "mask", "lesions", "seg"}
 
 
 def test_cli_dicom_folder_without_image_series_fails_by_name(flair_case, tmp_path, capsys):

@@ -20,7 +20,9 @@ import numpy as np
 
 from napari_tae._atomic import FileSet
 from napari_tae.batch import Case, CaseLock, CaseLocked
+from napari_tae.dicom import write_seg
 from napari_tae.export import (
+    PLUGIN_EXPORT_KINDS,
     ExportError,
     describe_files,
     export_paths,
@@ -333,6 +335,7 @@ def export_results(
     input_file: str | None = None,
     overwrite: bool = False,
     extra: dict | None = None,
+    dicom_series: Any = None,
 ) -> dict[str, Path]:
     """Write mask + residual NIfTI (source grid and header), lesion CSV and provenance JSON.
 
@@ -343,9 +346,11 @@ def export_results(
         state: The result being reviewed (residual, geometry, settings).
         input_file: The source volume, never written over.
         overwrite: Replace existing files (the widget asks the user first).
+        dicom_series: The :class:`~napari_tae.dicom.DicomSeries` the input was read from; the
+            mask is then also written as a DICOM SEG referencing it (``seg``).
 
     Returns:
-        The written paths by kind (``mask``, ``residual``, ``lesions``, ``provenance``).
+        The written paths by kind (``mask``, ``residual``, ``lesions``, ``provenance``, ``seg``).
 
     Raises:
         ExportError: The folder is missing, a target is the input file, or a target exists and
@@ -356,7 +361,8 @@ def export_results(
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"{folder}: export folder does not exist")
-    paths = export_paths(folder, base)
+    kinds = PLUGIN_EXPORT_KINDS if dicom_series is None else (*PLUGIN_EXPORT_KINDS, "seg")
+    paths = export_paths(folder, base, kinds)
     sources = [p for p in (input_file, getattr(state.geometry, "source_path", None)) if p]
     for p in paths.values():
         for src in sources:
@@ -378,6 +384,9 @@ def export_results(
             save_volume(binary, path=files.temporary("mask"), labels=True, **kw)
             save_volume(state.residual, path=files.temporary("residual"), **kw)
             write_lesion_csv(lesions, files.temporary("lesions"))
+            if dicom_series is not None:
+                write_seg(binary, state.geometry, dicom_series, files.temporary("seg"), overwrite=True)
+                settings["dicom_series_uid"] = dicom_series.uid
             record = provenance_record(
                 input_file=input_file, checkpoint=state.checkpoint, meta=state.meta, settings=settings,
                 outputs=paths, n_lesions=len(lesions),
