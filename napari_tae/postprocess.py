@@ -177,10 +177,25 @@ def _box_count(binary: np.ndarray, kernel: int, axes: Sequence[int]) -> np.ndarr
 
 
 def _majority(binary: np.ndarray, kernel: int, axes: Sequence[int]) -> np.ndarray:
-    """True where more than half of the k**len(axes) window around an element is True."""
+    """True where more than half of the k**len(axes) window around an element is True.
+
+    Computed in the bounding box of the True values grown by the window radius (the rest is
+    False): the box's border keeps at least a radius of False values, so its reflected borders
+    see what the whole array would, and the result is exact.
+    """
     if kernel == 1:
         return binary.copy()
-    return _box_count(binary, kernel, axes) > kernel ** len(axes) // 2
+    box = _bounding_box(binary)
+    out = np.zeros(binary.shape, dtype=bool)
+    if box is None:
+        return out
+    radius = kernel // 2
+    grown = tuple(
+        slice(max(b.start - radius, 0), min(b.stop + radius, n)) if ax in axes else slice(None)
+        for ax, (b, n) in enumerate(zip(box, binary.shape))
+    )
+    out[grown] = _box_count(np.ascontiguousarray(binary[grown]), kernel, axes) > kernel ** len(axes) // 2
+    return out
 
 
 def anomaly_mask(
@@ -441,7 +456,8 @@ def lesion_table(
     if n == 0:
         return []
     # statistics over the (few) lesion voxels only, by label
-    flat = np.flatnonzero(labels)
+    # flatnonzero of a bool array is several times faster than of the int32 labels
+    flat = np.flatnonzero(np.ravel(labels) != 0)
     lab = labels.ravel()[flat]
     values = residual.ravel()[flat].astype(np.float64)
     sizes = np.bincount(lab, minlength=n + 1)[1:]

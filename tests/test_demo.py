@@ -22,9 +22,17 @@ from napari_tae.settings import CONFIG_ENV  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _isolated_settings(monkeypatch, tmp_path):
-    # the widget remembers settings between sessions; never touch the user's
+def _isolated_settings(tmp_path, monkeypatch):
+    """The widget remembers settings (its JSON file, napari's plugin settings): never the user's."""
+    from napari import settings as napari_settings
+
+    napari_cfg = str(tmp_path / "napari" / "settings.yaml")
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
+    monkeypatch.setenv("NAPARI_CONFIG", napari_cfg)  # for subprocesses
+    monkeypatch.setattr(napari_settings, "_CFG_PATH", napari_cfg)
+    napari_settings._clear_plugin_settings_cache()
+    yield
+    napari_settings._clear_plugin_settings_cache()
 
 
 def _read_rgb(path) -> np.ndarray:
@@ -81,3 +89,35 @@ def test_demo_screenshot_command(tmp_path):
     rgb = _read_rgb(shot)
     assert rgb.shape[0] > 200 and rgb.shape[1] > 200 and rgb.std() > 5
     assert "mask of" in done.stderr and "screenshot" in done.stderr
+
+
+def test_demo_without_a_display_says_how_to_run_it(tmp_path):
+    """No X server and no Qt platform chosen: one line naming xvfb-run, never a core dump."""
+    shot = tmp_path / "demo.png"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    env[CONFIG_ENV] = str(tmp_path / "config")
+    code = ("import sys\nfrom napari_tae.cli import main\n"
+            f"sys.exit(main(['demo', '--screenshot', {str(shot)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env, check=False)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])  # not killed by a signal
+    lines = [line for line in done.stderr.splitlines() if "demo:" in line]
+    assert len(lines) == 1 and "xvfb-run" in lines[0] and "Traceback" not in done.stderr
+    assert not shot.exists()
+
+
+@pytest.mark.parametrize(("env", "ok"), [
+    ({"DISPLAY": ":99"}, True),
+    ({"QT_QPA_PLATFORM": "offscreen", "DISPLAY": ":99"}, False),  # no OpenGL for the canvas
+    ({}, False),
+    ({"WAYLAND_DISPLAY": "wayland-0"}, True),
+    ({"QT_QPA_PLATFORM": "xcb", "WAYLAND_DISPLAY": "wayland-0"}, False),
+])
+def test_display_problem(env, ok):
+    from napari_tae.plugin._demo import display_problem
+
+    problem = display_problem(env)
+    assert (problem is None) == ok or not sys.platform.startswith("linux")
+    if problem is not None:
+        assert "xvfb-run" in problem

@@ -44,7 +44,16 @@ def files(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _config(tmp_path, monkeypatch):
+    """The widget remembers settings (its JSON file, napari's plugin settings): never the user's."""
+    from napari import settings as napari_settings
+
+    napari_cfg = str(tmp_path / "napari" / "settings.yaml")
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
+    monkeypatch.setenv("NAPARI_CONFIG", napari_cfg)  # for subprocesses
+    monkeypatch.setattr(napari_settings, "_CFG_PATH", napari_cfg)
+    napari_settings._clear_plugin_settings_cache()
+    yield
+    napari_settings._clear_plugin_settings_cache()
 
 
 def _add_volume(viewer, path, name="flair"):
@@ -81,7 +90,6 @@ def test_run_layers_progress_and_headless_match(make_napari_viewer, qtbot, files
     widget._worker.yielded.connect(seen.append)
     _wait_done(qtbot, widget, viewer)
     assert seen and seen[-1][0] == seen[-1][1] == vol.data.shape[0]
-    assert widget.progress.value() == widget.progress.maximum()
     recon, resid, mask = _results(viewer)
     for out in (recon, resid, mask):
         assert out.data.shape == layer.data.shape
@@ -89,12 +97,13 @@ def test_run_layers_progress_and_headless_match(make_napari_viewer, qtbot, files
         np.testing.assert_allclose(out.translate, layer.translate)
         assert out.metadata[GEOMETRY_KEY] is layer.metadata[GEOMETRY_KEY]
     assert mask.__class__.__name__ == "Labels" and resid.colormap.name == "inferno"
+    assert resid.blending == "additive" and 0.5 <= resid.opacity <= 0.7
 
     model, meta = load_checkpoint(files["ckpt"])
     ref = segment(vol, model, meta, kernel=widget.post_settings().kernel, device="cpu")
     np.testing.assert_allclose(resid.data, ref.residual, atol=1e-5)
     np.testing.assert_array_equal(mask.data > 0, ref.mask)
-    assert widget.table.rowCount() == len(ref.lesions)
+    assert widget.lesions.rowCount() == len(ref.lesions)
     assert list(mask.features["index"]) == [0] + [les["label"] for les in ref.lesions]
 
     # re-running updates the same layers instead of adding new ones
@@ -245,10 +254,17 @@ def test_review_navigation_and_settings(make_napari_viewer, qtbot, files):
     widget.go_to_lesion(0)
     z_mm = lesions[0]["centroid_mm"][0]
     assert viewer.dims.point[0] == pytest.approx(z_mm, abs=layer.scale[0])
-    assert widget.table.currentRow() == 0
-    assert NEXT_KEY in widget._bound_keys
+    assert widget.table.currentIndex().row() == 0
+    # the stepping keys belong to the result layers, not to the whole viewer
+    from napari.utils.key_bindings import coerce_keybinding
+
+    mask = viewer.layers["flair anomaly mask"]
+    key = coerce_keybinding(NEXT_KEY)
+    assert key in mask.keymap and key in viewer.layers["flair residual"].keymap
+    assert key not in viewer.keymap
+    mask.keymap[key](mask)
+    assert widget.table.currentIndex().row() == 1 % len(lesions)
     widget.close()
-    assert widget._bound_keys == []
 
     s = load_settings()
     assert s.device == "cpu" and s.kernel == 7 and s.last_checkpoint == str(files["ckpt"])
@@ -277,17 +293,29 @@ def test_fresh_install_selects_the_default_bundled_model(make_napari_viewer, mon
     again.close()
 
 
-def test_paint_refreshes_table(make_napari_viewer, qtbot, files):
+def test_paint_refreshes_table_and_undo_takes_it_back(make_napari_viewer, qtbot, files):
     viewer, widget, _, _ = _widget(make_napari_viewer, files)
     widget.run()
     _wait_done(qtbot, widget, viewer)
     mask = viewer.layers["flair anomaly mask"]
-    n = widget.table.rowCount()
+    n = widget.lesions.rowCount()
     mask.selected_label = 5
     mask.brush_size = 1
     mask.paint((0, 0, 0), 5)  # the brush API, as a user stroke does (emits the paint event)
-    qtbot.waitUntil(lambda: widget.table.rowCount() == n + 1, timeout=WAIT)
+    qtbot.waitUntil(lambda: widget.lesions.rowCount() == n + 1, timeout=WAIT)
     assert mask.data[0, 0, 0] > 0 and widget._active.edits.n_added >= 1
+    widget.squash_slider.setValue(widget.squash_slider.value() + 0.5)  # a live update between
+    qtbot.waitUntil(lambda: not widget.is_updating, timeout=WAIT)
+    assert mask.data[0, 0, 0] > 0
+    mask.undo()  # napari's undo history survives the widget's updates
+    assert mask.data[0, 0, 0] == 0
+    widget.squash_slider.setValue(widget.squash_slider.value() - 0.5)
+    qtbot.waitUntil(lambda: not widget.is_updating, timeout=WAIT)
+    # the undone voxel is back to automatic (not a new "erased" edit), and stays off
+    assert mask.data[0, 0, 0] == 0 and widget.lesions.rowCount() == n
+    assert widget._active.edits.n_added == 0 and widget._active.edits.n_erased == 0
+    mask.redo()
+    assert mask.data[0, 0, 0] > 0
 
 
 def test_works_through_napari_public_proxy(make_napari_viewer, qtbot, files):
@@ -363,3 +391,329 @@ def test_checkpoint_with_a_calibration_outside_a_percentage_is_refused_not_clamp
     assert not widget.load_checkpoint_file(str(broken))
     assert str(broken) in widget.status.text() and "not a percentage" in widget.status.text()
     assert (widget.checkpoint_spec(), widget.squash_slider.value(), widget.squash_slider.maximum()) == before
+
+
+# ------------------------------------------------------------------------------------- display
+def test_overlay_display_settings(make_napari_viewer, files):
+    from napari_tae.plugin._layers import ANOMALY_COLOUR, residual_limits
+
+    viewer, widget, layer, _ = _widget(make_napari_viewer, files, synchronous=True)
+    widget.run()
+    recon, resid, mask = _results(viewer)
+    # the heat overlay lets the FLAIR through: additive (black adds nothing), half opaque,
+    # starting at the calibrated threshold
+    assert resid.blending == "additive" and 0.5 <= resid.opacity <= 0.7
+    assert resid.colormap.name == "inferno" and resid.colormap.map(np.array([0.0]))[0][:3].sum() < 0.05
+    assert resid.contrast_limits[0] == pytest.approx(widget.post_settings().squash / 100)
+    assert resid.contrast_limits[1] >= 3 * resid.contrast_limits[0]
+    assert not recon.visible and layer.visible
+    # the mask: one fixed colour for every lesion id, drawn as an outline
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    want = transform_color(ANOMALY_COLOUR)[0]
+    for label in (1, 2, 37):
+        np.testing.assert_allclose(mask.colormap.map(np.array([label]))[0], want, atol=1e-6)
+    assert mask.colormap.map(np.array([0]))[0][3] == 0 and mask.contour >= 1
+    # moving the squash moves the start of the heat scale with it; the top stays
+    top = resid.contrast_limits[1]
+    assert resid.contrast_limits == pytest.approx(residual_limits(resid.data, 3.0))
+    widget.squash_slider.setValue(5.0)
+    assert resid.contrast_limits == pytest.approx((0.05, max(top, 0.15)))
+
+
+def test_side_by_side_grid_and_back(make_napari_viewer, files):
+    viewer, widget, layer, _ = _widget(make_napari_viewer, files, synchronous=True)
+    truth = viewer.add_labels(np.zeros(layer.data.shape, np.uint8), name="truth")
+    widget.show_side_by_side(True)  # no result yet: refused with a message, grid stays off
+    assert not viewer.canvas.grid.enabled and "run a model" in widget.status.text()
+    widget.run()
+    recon, resid, mask = _results(viewer)
+    widget.side_button.click()
+    assert widget.side_button.isChecked() and viewer.canvas.grid.enabled
+    assert [ly.name for ly in viewer.layers if ly.visible] == ["flair", recon.name, resid.name]
+    assert viewer.canvas.grid.shape == (1, 3)
+    # FLAIR, reconstruction, residual from left to right
+    assert [viewer.canvas.grid.position(viewer.layers.index(ly), viewer.layers)
+            for ly in (layer, recon, resid)] == [(0, 0), (0, 1), (0, 2)]
+    widget.side_button.click()
+    assert not viewer.canvas.grid.enabled and mask.visible and truth.visible and not recon.visible
+    assert resid.blending == "additive"
+
+
+def test_dock_fits_a_1280x800_screen(make_napari_viewer, qtbot, files):
+    """Everything readable in the dock at 1280 x 800: all six table columns, the CPU warning."""
+    from qtpy.QtCore import Qt
+
+    viewer, widget, _, _ = _widget(make_napari_viewer, files, synchronous=True)
+    viewer.window._qt_window.resize(1280, 800)
+    widget.run()
+    qtbot.wait(100)
+    table = widget.table
+    header = table.horizontalHeader()
+    visible = table.viewport().width()
+    assert sum(header.sectionSize(c) for c in range(6)) <= visible + 1
+    assert all(header.sectionSize(c) >= header.fontMetrics().horizontalAdvance(
+        widget.lesions.headerData(c, Qt.Orientation.Horizontal)) for c in range(6))
+    label = widget.device_label
+    assert label.wordWrap() and label.width() <= widget.width()
+    assert label.heightForWidth(label.width()) <= label.height() + 1  # no line cut off
+
+
+# ------------------------------------------------------------------------------------- errors
+def _mismatched_checkpoint(path, good):
+    """A checkpoint whose metadata describes one model and whose tensors belong to another."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(good), "pt") as f:
+        header = f.metadata()
+    other = build_model("b_tae", img_size=64, depth=1, embed_dim=48, num_heads=2, patch_size=8)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path), metadata=header)
+    return path
+
+
+def _truncated_checkpoint(path, good):
+    data = good.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header reads fine, the tensors are cut
+    return path
+
+
+@pytest.fixture
+def notifications():
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    yield seen
+    notification_manager.notification_ready.disconnect(seen.append)
+
+
+@pytest.mark.parametrize("make_bad", [_truncated_checkpoint, _mismatched_checkpoint])
+def test_browse_validates_the_whole_checkpoint(make_napari_viewer, files, tmp_path, make_bad,
+                                               notifications):
+    from napari_tae.checkpoint import read_metadata
+
+    bad = make_bad(tmp_path / "bad.safetensors", files["ckpt"])
+    read_metadata(bad)  # the metadata alone is fine: only loading the weights finds the fault
+    _, widget, _, _ = _widget(make_napari_viewer, files)
+    notifications.clear()
+    count = widget.model_combo.count()
+    assert not widget.load_checkpoint_file(str(bad))
+    assert widget.model_combo.count() == count and widget.checkpoint_spec() == str(files["ckpt"])
+    assert len(notifications) == 1 and str(bad) in notifications[0].message
+    assert "Cannot use checkpoint" in widget.status.text()
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+@pytest.mark.parametrize("make_bad", [_truncated_checkpoint, _mismatched_checkpoint])
+def test_run_with_a_broken_checkpoint_reports_once(make_napari_viewer, qtbot, files, tmp_path,
+                                                   synchronous, make_bad, notifications):
+    """A checkpoint broken after it was chosen: one status line, one notification, no raise."""
+    import shutil
+
+    ckpt = tmp_path / "chosen.safetensors"
+    shutil.copy(files["ckpt"], ckpt)
+    viewer, widget, _, _ = _widget(make_napari_viewer, files, synchronous=synchronous)
+    assert widget.load_checkpoint_file(str(ckpt))
+    make_bad(tmp_path / "broken.safetensors", files["ckpt"]).replace(ckpt)
+    notifications.clear()
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT)
+    qtbot.wait(100)  # anything queued behind the error would arrive now
+    assert len(notifications) == 1, [n.message for n in notifications]
+    assert "Inference failed" in notifications[0].message and str(ckpt) in notifications[0].message
+    assert "Inference failed" in widget.status.text() and _results(viewer) == []
+    assert widget.run_button.text() == "Run" and not widget.cancel_button.isEnabled()
+
+
+def test_errors_outside_napari_run_never_abort(tmp_path, files):
+    """A script or an embedded viewer (no ``napari.run()``): a worker's error must not abort."""
+    import os
+    import subprocess
+    import sys
+
+    bad = _truncated_checkpoint(tmp_path / "bad.safetensors", files["ckpt"])
+    code = ("import napari\n"
+            "from qtpy.QtWidgets import QApplication\n"
+            "from napari.utils.notifications import notification_manager\n"
+            "from napari_tae.io import load_volume\nfrom napari_tae.plugin._layers import layer_kwargs\n"
+            "seen = []\nnotification_manager.notification_ready.connect(seen.append)\n"
+            "v = napari.Viewer(show=False)\n"
+            f"vol = load_volume({str(files['flair'])!r})\n"
+            "v.add_image(vol.data, **layer_kwargs(vol.geometry, 'flair'))\n"
+            "from napari_tae.plugin._widget import AnomalyWidget\n"
+            "w = AnomalyWidget(v)\n"
+            "w.device_combo.setCurrentText('cpu')\n"
+            f"w.models.settings.recent_checkpoints = [{str(bad)!r}]\n"
+            f"w.models.fill(select={str(bad)!r})\n"
+            "w.run()\n"
+            "import time\nt0 = time.time()\n"
+            "while w.is_running and time.time() - t0 < 60:\n    QApplication.processEvents()\n"
+            "for _ in range(50):\n    QApplication.processEvents()\n"
+            "print('notifications', len(seen), '|', w.status.text())\n"
+            "w.close(); v.close()\n")
+    env = {**os.environ, CONFIG_ENV: str(tmp_path / "config")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=180, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "notifications 1 |" in proc.stdout and "Inference failed" in proc.stdout, proc.stdout
+
+
+def test_not_skull_stripped_warning_reaches_the_gui(make_napari_viewer, qtbot, notifications):
+    rng = np.random.default_rng(0)
+    head = rng.uniform(0.0, 1.0, (12, 32, 32)).astype(np.float32)  # noise around a "head"
+    for synchronous in (True, False):
+        viewer = make_napari_viewer()
+        viewer.add_image(head, name="head")
+        widget = AnomalyWidget(viewer, synchronous=synchronous)
+        widget.models.select("intensity")
+        widget.device_combo.setCurrentText("cpu")
+        notifications.clear()
+        widget.run()
+        qtbot.waitUntil(lambda w=widget: not w.is_running and "head anomaly mask" in
+                        [ly.name for ly in w.viewer.layers], timeout=WAIT)
+        warned = [n for n in notifications if "skull" in n.message]
+        assert len(warned) >= 1 and warned[0].severity == "warning", synchronous
+        widget.close()
+
+
+# ------------------------------------------------------------------------------------- layers
+def test_layers_tracked_by_object(make_napari_viewer, qtbot, files):
+    viewer, widget, layer, vol = _widget(make_napari_viewer, files, synchronous=True)
+    layer.name = "patient flair"
+    # the chooser follows the rename and keeps the layer selected
+    assert widget.image_combo.currentText() == "patient flair"
+    assert widget.image_layer() is layer
+    widget.run()
+    mask = viewer.layers["patient flair anomaly mask"]
+    mask.name = "my lesions"  # renaming the mask does not stop the sliders
+    widget.kernel_spin.setValue(1)
+    widget.squash_slider.setValue(2.0)
+    resid = widget._active.residual
+    np.testing.assert_array_equal(mask.data > 0, (resid > 0.02) & widget._active.brain)
+    assert not widget.is_updating
+    # reordering keeps the selection; a second input with the old name is another layer
+    viewer.layers.move(viewer.layers.index(layer), len(viewer.layers))
+    other = viewer.add_image(vol.data.copy(), name="flair")
+    assert widget.image_layer() is layer
+    widget.select_input(other)
+    assert widget.image_layer() is other
+    widget.select_input(layer)
+    # a deleted mask layer is made again by the next slider move; the residual stays cached
+    viewer.layers.remove(mask)
+    widget.squash_slider.setValue(3.0)
+    again = widget.result_layer(widget._active, "anomaly mask")
+    assert again is not None and again is not mask and again in viewer.layers
+    np.testing.assert_array_equal(again.data > 0, (resid > 0.03) & widget._active.brain)
+    # deleting the input forgets its result: the table empties, sliders do nothing
+    viewer.layers.remove(layer)
+    assert widget._active is None and widget.lesions.rowCount() == 0
+    widget.squash_slider.setValue(1.0)
+
+
+@pytest.mark.parametrize("choice", ["replace", "keep", "cancel"])
+def test_rerun_asks_before_replacing_edits(make_napari_viewer, files, monkeypatch, choice):
+    from napari_tae.plugin import _widget as widget_module
+
+    viewer, widget, _, _ = _widget(make_napari_viewer, files, synchronous=True)
+    widget.run()
+    mask = viewer.layers["flair anomaly mask"]
+    edited = mask.data.copy()
+    edited[0, 0:2, 0:2] = 3
+    mask.data = edited
+    before = mask.data.copy()
+    asked = []
+    answer = {"replace": widget_module.REPLACE, "keep": widget_module.KEEP_EDITS,
+              "cancel": widget_module.CANCEL}[choice]
+
+    def fake_exec(box):
+        asked.append(box.text())
+        return answer.value
+
+    monkeypatch.setattr(widget_module.QMessageBox, "exec", fake_exec)
+    widget.run()
+    assert len(asked) == 1 and "4 voxels painted" in asked[0]
+    assert viewer.layers["flair anomaly mask"] is mask
+    if choice == "cancel":
+        np.testing.assert_array_equal(mask.data, before)
+    else:
+        assert (mask.data[0, 0:2, 0:2] > 0).all() == (choice == "keep")
+        assert widget._active.edits.n_added == (4 if choice == "keep" else 0)
+    # without edits, a re-run does not ask
+    asked.clear()
+    if choice == "replace":
+        widget.run()
+        assert asked == []
+
+
+# ------------------------------------------------------------------------------------- napari conventions
+def test_progress_in_the_activity_dock_with_cancel(make_napari_viewer, qtbot, files):
+    from napari.utils import progress
+
+    viewer, widget, _, _ = _widget(make_napari_viewer, files)
+    widget.settings.batch_size = 1
+    widget.run()
+    bars = [bar for bar in progress._all_instances if "flair" in (bar.desc or "")]
+    assert len(bars) == 1 and bars[0].total == viewer.layers["flair"].data.shape[0]
+    worker = widget._worker
+    qtbot.waitUntil(lambda: bars[0].n >= 1, timeout=WAIT)
+    bars[0].cancel()  # the activity dock's Cancel button
+    with qtbot.waitSignal(worker.finished, timeout=WAIT):
+        pass
+    assert not widget.is_running and worker.abort_requested and _results(viewer) == []
+    assert "Cancelled" in widget.status.text()
+    assert bars[0] not in progress._all_instances  # closed
+
+
+def test_preferences_are_napari_plugin_settings(make_napari_viewer, files):
+    from napari.settings import get_plugin_settings
+
+    from napari_tae.plugin._preferences import PREFERENCE_FIELDS
+    from napari_tae.settings import Settings
+
+    prefs = get_plugin_settings("napari-tae").defaults
+    defaults = Settings()
+    assert {name: getattr(prefs, name) for name in PREFERENCE_FIELDS} == \
+        {name: getattr(defaults, name) for name in PREFERENCE_FIELDS}
+    viewer, widget, _, _ = _widget(make_napari_viewer, files, synchronous=True)
+    widget.kernel_spin.setValue(9)
+    widget.mode_check.setChecked(True)
+    widget.close()
+    assert (prefs.kernel, prefs.mode, prefs.device) == (9, "3d", "cpu")
+    assert load_settings().kernel == 9  # the JSON file too (older napari, the recent files)
+    prefs.kernel = 3  # changed in napari's Preferences dialog
+    again = AnomalyWidget(viewer)
+    assert again.kernel_spin.value() == 3 and again.mode_check.isChecked()
+    again.close()
+
+
+def test_manifest_menu_and_configuration():
+    from pathlib import Path
+
+    from npe2 import PluginManifest
+
+    import napari_tae.plugin
+    from napari_tae.plugin._preferences import PREFERENCE_FIELDS, SECTION
+    from napari_tae.settings import Settings
+
+    manifest = PluginManifest.from_file(Path(napari_tae.plugin.__file__).parent / "napari.yaml")
+    item = manifest.contributions.menus["napari/layers/context"][0]
+    command = next(c for c in manifest.contributions.commands if c.id == item.command)
+    assert command.title == "Find anomalies..." and "image" in str(item.when)
+    props = manifest.contributions.configurations[SECTION].properties
+    assert set(props) == set(PREFERENCE_FIELDS)
+    assert all(props[name].default == getattr(Settings(), name) for name in PREFERENCE_FIELDS)
+
+
+def test_layer_context_menu_docks_the_widget(make_napari_viewer, files):
+    from napari_tae.plugin._commands import find_anomalies
+
+    viewer = make_napari_viewer()
+    first, _ = _add_volume(viewer, files["flair"], "first")
+    second, _ = _add_volume(viewer, files["flair"], "second")
+    viewer.layers.selection.active = first
+    find_anomalies(viewer)
+    viewer.layers.selection.active = second
+    find_anomalies(viewer)  # the docked widget is reused
+    docked = [w for w in viewer.window.dock_widgets.values() if isinstance(w, AnomalyWidget)]
+    assert len(docked) == 1 and docked[0].image_layer() is second

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from napari_tae.cli import CLIError
-from napari_tae.plugin._layers import set_radiological_view
+from napari_tae.plugin._layers import REFERENCE_COLOUR, set_radiological_view, single_colour
 
 __all__ = ["build_demo", "run_demo"]
 
 _logger = logging.getLogger("napari_tae.cli")
+DEMO_WINDOW = (1280, 800)
 
 
 
@@ -41,8 +45,9 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
     layers = make_sample_data()
     for data, kwargs, kind in layers:
         layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
-    # the ground truth as an outline, so the model's filled mask stays readable on top of it
-    layer.contour = 1
+    # the ground truth as a filled reference in its own colour; the model's mask is an outline
+    layer.colormap = single_colour(REFERENCE_COLOUR)
+    layer.opacity = 0.45
     widget = AnomalyWidget(viewer, synchronous=synchronous)
     viewer.window.add_dock_widget(widget, name="Find anomalies (TAE)", area="right")
     widget.image_combo.setCurrentText(SAMPLE_NAME)
@@ -70,12 +75,34 @@ def _settle_qt(rounds: int = 10) -> None:
         app.processEvents()
 
 
+def display_problem(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why napari cannot open a window here (None when it can, as far as one can tell).
+
+    napari's canvas needs OpenGL on a real or virtual X/Wayland display: Qt's ``offscreen`` and
+    ``minimal`` platforms have no OpenGL context, and Qt aborts the process (a core dump) when
+    its xcb platform finds no X server. So this is checked before Qt starts.
+    """
+    env = os.environ if environ is None else environ
+    platform = env.get("QT_QPA_PLATFORM", "").split(":")[0]
+    hint = "run it under a virtual display: xvfb-run -a napari-tae demo ..."
+    if platform in ("offscreen", "minimal"):
+        return f"QT_QPA_PLATFORM={platform} has no OpenGL for napari's canvas; {hint}"
+    on_linux = sys.platform.startswith("linux")
+    if on_linux and platform in ("", "xcb") and not env.get("DISPLAY") and not (
+            platform == "" and env.get("WAYLAND_DISPLAY")):
+        return f"no display (DISPLAY is not set); {hint}"
+    return None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``napari-tae demo``: napari with the sample volume, the widget and the default model.
 
     With ``--screenshot`` the model runs synchronously, the viewer is saved to the file and the
     command exits; otherwise the napari event loop runs until the window is closed.
     """
+    problem = display_problem()
+    if problem is not None:
+        raise CLIError(f"demo: {problem}")
     # torch/timm first: loading them after Qt's OpenGL libraries segfaults (seen with triton's
     # shared library under PyQt6), and the widget would import them on the first run anyway
     import napari
@@ -99,8 +126,8 @@ def run_demo(args: argparse.Namespace) -> int:
             _logger.info("demo: model '%s' selected; press Run in the dock", widget.checkpoint_spec())
             napari.run()
             return 0
-        # room for the canvas and the dock side by side (Xvfb's default screen is small)
-        viewer.window.resize(1400, 900)
+        # a laptop screen: the layout must fit 1280 x 800 with the lesion table readable
+        viewer.window.resize(*DEMO_WINDOW)
         _settle_qt()
         widget.run()
         mask_layers = [layer for layer in viewer.layers if layer.name.endswith("anomaly mask")]

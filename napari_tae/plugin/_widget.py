@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -27,29 +26,31 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QMessageBox,
-    QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
+    QSplitter,
     QVBoxLayout,
     QWidget,
 )
 from superqt import QLabeledDoubleSlider
 
 from napari_tae.export import ExportError
+from napari_tae.io import error_line
+from napari_tae.options import DEVICE_CHOICES
+from napari_tae.plugin._lesion_table import LesionTableModel, lesion_table_view
+from napari_tae.plugin._model_chooser import BROWSE, ModelChooser
+from napari_tae.plugin._preferences import load_preferences, save_preferences
+from napari_tae.plugin._tasks import start_task
 from napari_tae.plugin.review import (
+    EditRecord,
     Generation,
     PostSettings,
     ReviewState,
     compute_mask,
     export_results,
     lesion_features,
-    lesion_rows,
 )
-from napari_tae.io import error_line
-from napari_tae.options import DEVICE_CHOICES
-from napari_tae.settings import load_settings, save_settings
 
 if TYPE_CHECKING:
     import napari
@@ -58,10 +59,14 @@ __all__ = ["AnomalyWidget"]
 
 RESULT_KEY = "napari_tae_result"     # layer.metadata: kind of result layer ("reconstruction", ...)
 SOURCE_KEY = "napari_tae_source"     # layer.metadata: name of the input layer it was computed from
-_BROWSE = "Browse..."
+#: The re-run dialog's choices for a mask with manual edits (``QMessageBox`` standard buttons).
+REPLACE, KEEP_EDITS, CANCEL = (QMessageBox.StandardButton.Discard, QMessageBox.StandardButton.Save,
+                               QMessageBox.StandardButton.Cancel)
 #: Squash slider range in percent of the intensity range; widened when a checkpoint calibrates higher.
 SQUASH_MAX = 20.0
-_TABLE_COLUMNS = ("#", "volume (mL)", "voxels", "max residual", "mean residual", "centroid (z, y, x)")
+_KINDS = ("reconstruction", "residual", "anomaly mask")
+#: Brush strokes come as many paint events: the volume update waits this long after the last.
+PAINT_DEBOUNCE_MS = 150
 NEXT_KEY, PREV_KEY = "n", "Shift-N"  # 'p' is napari's paint-mode key on Labels layers
 
 
@@ -81,38 +86,58 @@ def _is_result(layer) -> bool:
     return RESULT_KEY in getattr(layer, "metadata", {})
 
 
+class _RunProgress:
+    """napari's progress bar of a run (the activity dock), whose Cancel stops the run."""
+
+    def __init__(self, total: int, desc: str, on_cancel) -> None:
+        from napari.utils import cancelable_progress
+
+        class _Progress(cancelable_progress):
+            def cancel(self) -> None:  # napari's Cancel button: stop the worker right away
+                super().cancel()
+                on_cancel()
+
+        self.bar = _Progress(total=total, desc=desc)
+
+    def set(self, done: int) -> None:
+        self.bar.update(max(done - self.bar.n, 0))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class AnomalyWidget(QWidget):
     """Find anomalies in a FLAIR volume with a transformer autoencoder (Ghorbel et al. 2022).
 
     Args:
         napari_viewer: The viewer (injected by napari).
-        synchronous: Run inference and post-processing on the calling thread (tests, debugging).
+        synchronous: Run inference and post-processing on the calling thread (tests, scripts).
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, *, synchronous: bool = False) -> None:
         super().__init__()
         _block_triton()  # before anything imports torch, timm or torchvision
+        from napari_tae.plugin._layers import SideBySide
+
         self.viewer = napari_viewer
         self.synchronous = synchronous
-        self.settings = load_settings()
+        self.settings = load_preferences()
         self._run_gen = Generation()
         self._worker = None
-        self._post_worker = None
-        self._states: dict[str, ReviewState] = {}   # by input layer name
+        self._post_worker = None     # the whole-volume update running in the background
+        self._volume_pending = False  # settings changed while it ran: one more update follows
+        self._progress: _RunProgress | None = None
+        self._states: dict[Any, ReviewState] = {}   # by input layer (the object, not its name)
         self._active: ReviewState | None = None
-        self._meta = None  # CheckpointMeta of the selected model (None: intensity)
-        self._bound_keys: list[str] = []
+        self._side_by_side = SideBySide(napari_viewer)
         self._closed = False
         self._build_ui()
-        self._post_timer = QTimer(self, singleShot=True, interval=150)  # debounce volume updates
-        self._post_timer.timeout.connect(self._update_volume)
-        for ev in ("inserted", "removed", "moved"):
-            getattr(self.viewer.layers.events, ev).connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._on_layer_removed)
-        self.viewer.layers.events.inserted.connect(self._orient_radiological)
+        self._post_timer = QTimer(self, singleShot=True)
+        self._post_timer.timeout.connect(self._request_volume)
+        for emitter, callback in self._viewer_connections():
+            emitter.connect(callback)
         self._orient_radiological()
         self._refresh_layers()
-        self._bind_keys()
 
     # ----------------------------------------------------------------------------- UI
     def _build_ui(self) -> None:
@@ -128,7 +153,6 @@ class AnomalyWidget(QWidget):
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        self.progress = QProgressBar()
         self.status = QLabel()
         self.status.setWordWrap(True)
 
@@ -145,10 +169,11 @@ class AnomalyWidget(QWidget):
         self.mode_check = QCheckBox("3D median")
         self.mode_check.setChecked(s.mode == "3d")
 
-        self.table = QTableWidget(0, len(_TABLE_COLUMNS))
-        self.table.setHorizontalHeaderLabels(_TABLE_COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.lesions = LesionTableModel()
+        self.table = lesion_table_view(self.lesions)
+        self.side_button = QPushButton("Side by side")
+        self.side_button.setCheckable(True)
+        self.side_button.setToolTip("FLAIR, reconstruction and residual in a napari grid")
         self.export_base = QLineEdit()
         self.export_base.setPlaceholderText("base name (default: <input>_tae)")
         self.export_button = QPushButton("Export...")
@@ -164,7 +189,6 @@ class AnomalyWidget(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         form.addRow(buttons)
-        form.addRow(self.progress)
         form.addRow(self.status)
 
         post_box = QGroupBox("Post-processing (live)")
@@ -178,22 +202,42 @@ class AnomalyWidget(QWidget):
         pform.addRow("Min lesion size", size_row)
         pform.addRow(self.mode_check)
 
-        review_box = QGroupBox(f"Lesions (keys: {NEXT_KEY} next, {PREV_KEY} previous)")
+        review_box = QGroupBox("Lesions")
+        review_box.setToolTip(f"On a result layer: {NEXT_KEY} next lesion, {PREV_KEY} previous")
         rlayout = QVBoxLayout(review_box)
         rlayout.addWidget(self.table)
+        rlayout.addWidget(self.side_button)
         export_row = QHBoxLayout()
         export_row.addWidget(self.export_base)
         export_row.addWidget(self.export_button)
         rlayout.addLayout(export_row)
 
+        # settings scroll on a small screen; the splitter gives the table the height left
+        controls = QWidget()
+        clayout = QVBoxLayout(controls)
+        clayout.setContentsMargins(0, 0, 0, 0)
+        for box in (run_box, post_box):
+            clayout.addWidget(box)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(controls)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        splitter.addWidget(scroll)
+        splitter.addWidget(review_box)
+        splitter.setStretchFactor(0, 0)
+        splitter.setStretchFactor(1, 1)
+        scroll.setMinimumHeight(min(controls.sizeHint().height(), 460))
+        # never narrower than the settings (no horizontal scroll bar: the warning wraps instead)
+        scroll.setMinimumWidth(controls.minimumSizeHint().width()
+                               + scroll.verticalScrollBar().sizeHint().width())
+        splitter.setChildrenCollapsible(False)
         layout = QVBoxLayout(self)
-        for box in (run_box, post_box, review_box):
-            layout.addWidget(box)
+        layout.setContentsMargins(2, 2, 2, 2)
+        layout.addWidget(splitter)
 
-        self._fill_models(select=s.last_checkpoint)
-        self._last_model_index = self.model_combo.currentIndex()
-        self.model_combo.activated.connect(self._on_model_activated)
-        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
+        self.models = ModelChooser(self.model_combo, self.settings, on_error=self._error,
+                                   on_change=self.reset_squash, save=save_preferences)
         self.device_combo.currentTextChanged.connect(self._on_device_changed)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.run_button.clicked.connect(self.run)
@@ -204,33 +248,19 @@ class AnomalyWidget(QWidget):
         self.min_size_spin.valueChanged.connect(self._on_post_changed)
         self.min_unit_combo.currentTextChanged.connect(self._on_post_changed)
         self.mode_check.toggled.connect(self._on_post_changed)
-        self.table.cellClicked.connect(lambda row, _col: self.go_to_lesion(row))
+        self.table.clicked.connect(lambda index: self.go_to_lesion(index.row()))
+        self.side_button.toggled.connect(self.show_side_by_side)
         self.export_button.clicked.connect(self._export_clicked)
         self._on_device_changed(self.device_combo.currentText())
-        self._on_model_changed()
+        self.reset_squash()
 
-    def _fill_models(self, select: str | None = None) -> None:
-        """Bundled checkpoints, the intensity baseline, recent files, then Browse.
-
-        Selects ``select`` when listed, else the default bundled checkpoint.
-        """
-        from napari_tae.checkpoint import bundled_checkpoints, default_checkpoint
-
-        combo = self.model_combo
-        combo.blockSignals(True)
-        combo.clear()
-        for name, path in sorted(bundled_checkpoints().items()):
-            combo.addItem(f"{name} (bundled)", name)
-        combo.addItem("intensity (baseline, no network)", "intensity")
-        for path in self.settings.recent_checkpoints:
-            if path != "intensity" and os.path.isfile(path) and combo.findData(path) < 0:
-                combo.addItem(os.path.basename(path), path)
-        combo.addItem(_BROWSE, _BROWSE)
-        index = combo.findData(select) if select else -1
-        if index < 0:
-            index = combo.findData(default_checkpoint())
-        combo.setCurrentIndex(max(index, 0))
-        combo.blockSignals(False)
+    def _viewer_connections(self) -> list[tuple[Any, Any]]:
+        """(event emitter, callback) pairs the widget keeps on the viewer and its layers."""
+        events = self.viewer.layers.events
+        pairs = [(events.inserted, self._on_layer_inserted),
+                 (events.inserted, self._orient_radiological),
+                 (events.removed, self._on_layer_removed), (events.moved, self._refresh_layers)]
+        return pairs + [(layer.events.name, self._refresh_layers) for layer in self.viewer.layers]
 
     def _orient_radiological(self, event: Any = None) -> None:
         """Radiological camera once a volume placed in world mm is added (or already there).
@@ -244,72 +274,50 @@ class AnomalyWidget(QWidget):
             set_radiological_view(self.viewer)
 
     def _refresh_layers(self, event: Any = None) -> None:
-        """Refill the layer choosers (results of this plugin are not offered as inputs)."""
+        """Refill the layer choosers, keeping the selected layers (results are not inputs)."""
         from napari.layers import Image, Labels
 
         for combo, kind, blank in ((self.image_combo, Image, None),
                                    (self.mask_combo, Labels, "(automatic)")):
-            current = combo.currentText()
+            current = combo.currentData()
             combo.blockSignals(True)
             combo.clear()
             if blank:
-                combo.addItem(blank)
+                combo.addItem(blank, None)
             for layer in self.viewer.layers:
                 if isinstance(layer, kind) and not _is_result(layer) and layer.ndim == 3:
-                    combo.addItem(layer.name)
-            if combo.findText(current) >= 0:
-                combo.setCurrentText(current)
+                    combo.addItem(layer.name, layer)
+            index = combo.findData(current) if current is not None else -1
+            if index >= 0:
+                combo.setCurrentIndex(index)
             combo.blockSignals(False)
+        for layer, state in self._states.items():
+            state.source_name = layer.name
         self._on_image_changed()
 
-    # ----------------------------------------------------------------------------- model
-    def checkpoint_spec(self) -> str:
-        return self.model_combo.currentData()
+    def _on_layer_inserted(self, event: Any) -> None:
+        event.value.events.name.connect(self._refresh_layers)
+        self._refresh_layers()
 
-    def _on_model_activated(self, index: int) -> None:
-        if self.model_combo.itemData(index) != _BROWSE:
-            return
-        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "",
-                                              "Checkpoints (*.safetensors)")
-        if not path or not self.load_checkpoint_file(path):
-            self.model_combo.setCurrentIndex(self._last_model_index)
+    def select_input(self, layer: Any) -> None:
+        """Choose ``layer`` as the FLAIR input (the layer context menu's "Find anomalies...")."""
+        index = self.image_combo.findData(layer)
+        if index >= 0:
+            self.image_combo.setCurrentIndex(index)
+
+    # ----------------------------------------------------------------------------- model
+    def checkpoint_spec(self) -> str | None:
+        return self.models.spec
 
     def load_checkpoint_file(self, path: str) -> bool:
-        """Validate a checkpoint file and select it; on failure show why and change nothing."""
-        from napari_tae.checkpoint import read_metadata
-
-        try:
-            read_metadata(path)
-        except Exception as exc:  # any unreadable file: report it, never crash the viewer
-            self._error(f"Cannot use checkpoint: {error_line(exc, path)}")
-            return False
-        path = os.path.abspath(path)
-        self.settings.add_recent(path)
-        save_settings(self.settings)
-        self._fill_models(select=path)
-        self._on_model_changed()
-        return True
-
-    def _on_model_changed(self, *_: Any) -> None:
-        spec = self.checkpoint_spec()
-        if spec == _BROWSE:
-            return
-        self._last_model_index = self.model_combo.currentIndex()
-        self._meta = None
-        if spec != "intensity":
-            from napari_tae.checkpoint import read_metadata, resolve_checkpoint
-
-            try:
-                self._meta = read_metadata(resolve_checkpoint(spec))
-            except Exception as exc:  # a recent file may have been changed since
-                self._error(f"Cannot use checkpoint: {exc}")
-        self.reset_squash()
+        """Validate a whole checkpoint file and select it; on failure show why, change nothing."""
+        return self.models.load_file(path)
 
     def reset_squash(self) -> None:
         """Squash back to the checkpoint's calibrated default (1 % without calibration)."""
         from napari_tae.inference import default_squash
 
-        self.set_squash(default_squash(self._meta)[0])
+        self.set_squash(default_squash(self.models.meta)[0])
 
     def set_squash(self, squash: float) -> None:
         """Set the squash slider, widening its range so a value above 20 % is not clamped."""
@@ -335,66 +343,82 @@ class AnomalyWidget(QWidget):
 
     # ----------------------------------------------------------------------------- run
     def image_layer(self):
-        name = self.image_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        layer = self.image_combo.currentData()
+        return layer if layer is not None and layer in self.viewer.layers else None
+
+    def _brain(self, layer, shape: tuple[int, ...]) -> tuple[bool, np.ndarray | None]:
+        """The chosen brain mask layer as bool, or None (automatic); False if it doesn't fit."""
+        mask_layer = self.mask_combo.currentData()
+        if mask_layer is None or mask_layer not in self.viewer.layers:
+            return True, None
+        brain = np.asarray(mask_layer.data) > 0
+        if brain.shape != shape:
+            self._error(f"Brain mask '{mask_layer.name}' shape {brain.shape} doesn't match "
+                        f"'{layer.name}' {shape}.")
+            return False, None
+        return True, brain
+
+    def _edits_to_keep(self, layer) -> tuple[bool, EditRecord | None]:
+        """Ask before a re-run replaces a mask with manual edits: (go on, edits to carry over)."""
+        state = self._states.get(layer)
+        mask = self.result_layer(state, "anomaly mask") if state is not None else None
+        if mask is None:
+            return True, None
+        state.record_edits(mask.data)
+        if not state.edits.any:
+            return True, None
+        box = QMessageBox(QMessageBox.Icon.Question, "Manual edits",
+                          f"The mask of '{layer.name}' has manual edits "
+                          f"({state.edits.n_added} voxels painted, {state.edits.n_erased} erased). "
+                          "Replace them with the new result, or keep them on top of it?",
+                          REPLACE | KEEP_EDITS | CANCEL, self)
+        box.button(REPLACE).setText("Replace")
+        box.button(KEEP_EDITS).setText("Keep edits")
+        box.setDefaultButton(KEEP_EDITS)
+        choice = QMessageBox.StandardButton(box.exec())
+        if choice == CANCEL:
+            return False, None
+        return True, state.edits if choice == KEEP_EDITS else None
 
     def run(self) -> None:
         """Start inference on the chosen layer; a run already going is cancelled first."""
         layer = self.image_layer()
         spec = self.checkpoint_spec()
-        if layer is None or spec in (None, _BROWSE):
+        if layer is None or spec in (None, BROWSE):
             self._error("Choose a 3D FLAIR image layer and a model first.")
             return
         data = np.asarray(layer.data, dtype=np.float32)
-        brain = None
-        mask_name = self.mask_combo.currentText()
-        if self.mask_combo.currentIndex() > 0 and mask_name in self.viewer.layers:
-            brain = np.asarray(self.viewer.layers[mask_name].data) > 0
-            if brain.shape != data.shape:
-                self._error(f"Brain mask '{mask_name}' shape {brain.shape} doesn't match "
-                            f"'{layer.name}' {data.shape}.")
-                return
+        fits, brain = self._brain(layer, data.shape)
+        go_on, keep = self._edits_to_keep(layer) if fits else (False, None)
+        if not go_on:
+            return
         self.cancel(quiet=True)
         tag = self._run_gen.next()
         self.settings.device = self.device_combo.currentText()
         self.settings.add_recent(spec)
-        save_settings(self.settings)
+        save_preferences(self.settings)
         from napari_tae.inference import inference_job
 
         job = partial(inference_job, spec, data, brain=brain, device=self.settings.device,
                       batch_size=self.settings.batch_size)
-        on_done = partial(self._on_inference_done, tag, layer, data, spec)
-        on_progress = partial(self._on_progress, tag)
-        self.progress.setValue(0)
+        self._progress = _RunProgress(data.shape[0], f"Finding anomalies in '{layer.name}'",
+                                      self.cancel)
         self._set_running(True, f"Running on '{layer.name}'...")
-        if self.synchronous:
-            gen = job()
-            try:
-                while True:
-                    on_progress(next(gen))
-            except StopIteration as stop:
-                on_done(stop.value)
-            except Exception as exc:
-                self._on_inference_error(tag, exc)
-            return
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(job, _start_thread=False)
-        worker.yielded.connect(on_progress)
-        worker.returned.connect(on_done)
-        worker.errored.connect(partial(self._on_inference_error, tag))
-        self._worker = worker
-        worker.start()
+        self._worker = start_task(
+            job, synchronous=self.synchronous, on_yield=partial(self._on_progress, tag),
+            on_return=partial(self._on_inference_done, tag, layer, data, spec, keep),
+            on_error=partial(self._on_inference_error, tag), on_warning=self._warn,
+        )
 
     def cancel(self, quiet: bool = False) -> None:
         """Stop the running inference after its current batch; its result is discarded."""
         worker, self._worker = self._worker, None
         self._run_gen.invalidate()
+        self._close_progress()
         if worker is not None:
             worker.quit()
             if not quiet:
                 self._set_running(False, "Cancelled; no result was written.")
-                self.progress.setValue(0)
 
     @property
     def is_running(self) -> bool:
@@ -406,23 +430,29 @@ class AnomalyWidget(QWidget):
         if text:
             self.status.setText(text)
 
+    def _close_progress(self) -> None:
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.close()
+
     def _on_progress(self, tag: int, value: tuple[int, int]) -> None:
-        if self._run_gen.is_current(tag):
-            done, total = value
-            self.progress.setMaximum(max(total, 1))
-            self.progress.setValue(done)
+        if self._run_gen.is_current(tag) and self._progress is not None:
+            self._progress.set(value[0])
 
     def _on_inference_error(self, tag: int, exc: BaseException) -> None:
         if self._run_gen.is_current(tag):
             self._worker = None
+            self._close_progress()
             self._set_running(False)
-            self._error(f"Inference failed: {exc}")
+            self._error(f"Inference failed: {error_line(exc)}")
 
-    def _on_inference_done(self, tag: int, layer, data: np.ndarray, spec: str, value) -> None:
+    def _on_inference_done(self, tag: int, layer, data: np.ndarray, spec: str,
+                           keep: EditRecord | None, value) -> None:
         """Adopt a finished run only if it is still the latest one and its input is unchanged."""
         if not self._run_gen.is_current(tag):
             return  # cancelled or superseded: dropped
         self._worker = None
+        self._close_progress()
         self._set_running(False)
         if layer not in self.viewer.layers or np.shape(layer.data) != data.shape:
             self.status.setText(f"'{layer.name}' was removed or changed during the run; "
@@ -431,90 +461,110 @@ class AnomalyWidget(QWidget):
         rec, meta, device = value
         from napari_tae.plugin._layers import GEOMETRY_KEY
 
-        geometry = layer.metadata.get(GEOMETRY_KEY)
         state = ReviewState(
             source_name=layer.name, residual=rec.residual, brain=rec.brain,
             spacing=tuple(float(v) for v in layer.scale),
-            origin=tuple(float(v) for v in layer.translate), geometry=geometry,
+            origin=tuple(float(v) for v in layer.translate),
+            geometry=layer.metadata.get(GEOMETRY_KEY),
             checkpoint=str(spec), meta=meta, device=device,
             norm=rec.norm.to_dict() if hasattr(rec.norm, "to_dict") else {},
         )
-        old = self._states.get(layer.name)
-        post = self.post_settings()
-        result = state.compute(post)
-        labels = state.accept(result)
+        if keep is not None:
+            state.edits = keep
+        old = self._states.get(layer)
         if old is not None:
             old.generation.invalidate()
-        self._states[layer.name] = state
+            state.layers = old.layers  # the same layers show the new result
+        labels = state.accept(state.compute(self.post_settings()))
+        self._states[layer] = state
         self._active = state
         self._set_result(state, "reconstruction", rec.reconstruction, layer)
         self._set_result(state, "residual", rec.residual, layer)
         self._set_result(state, "anomaly mask", labels, layer)
         self._show_lesions(state)
-        self.progress.setValue(self.progress.maximum())
-        self.status.setText(f"Done on {device}: {len(state.lesions)} lesion(s) in '{layer.name}'.")
+        self._info(f"Done on {device}: {len(state.lesions)} lesion(s) in '{layer.name}'.")
 
     # ----------------------------------------------------------------------------- layers
-    def result_layer(self, state: ReviewState, kind: str):
-        name = f"{state.source_name} {kind}"
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            if layer.metadata.get(RESULT_KEY) == kind:
-                return layer
-        return None
+    def result_layer(self, state: ReviewState | None, kind: str):
+        """The layer showing ``kind`` of ``state``'s result, if it is still in the viewer."""
+        layer = state.layers.get(kind) if state is not None else None
+        return layer if layer is not None and layer in self.viewer.layers else None
 
     def _set_result(self, state: ReviewState, kind: str, data: np.ndarray, source) -> None:
-        """Write a result into its layer, replacing the data of an existing one."""
+        """Write a result into its layer (one assignment of its data), adding it if needed."""
+        from napari_tae.plugin._layers import layer_kwargs, residual_limits, result_style
+
         name = f"{state.source_name} {kind}"
         metadata = {RESULT_KEY: kind, SOURCE_KEY: state.source_name}
         if state.geometry is not None:
-            from napari_tae.plugin._layers import layer_kwargs
-
             kw = layer_kwargs(state.geometry, name)
             kw["metadata"] = {**kw["metadata"], **metadata}
         else:
             kw = {"name": name, "scale": source.scale, "translate": source.translate,
                   "metadata": metadata}
         layer = self.result_layer(state, kind)
+        squash = self.post_settings().squash
         if layer is not None:
-            layer.data = data
-            layer.scale, layer.translate = kw["scale"], kw["translate"]
+            _replace_data(layer, data)
+            # placement is set only when it changed: each assignment re-renders the canvas
+            if not (np.allclose(layer.scale, kw["scale"])
+                    and np.allclose(layer.translate, kw["translate"])):
+                layer.scale, layer.translate = kw["scale"], kw["translate"]
             layer.metadata.update(kw["metadata"])
+            if kind == "residual":
+                layer.contrast_limits = residual_limits(data, squash)
         elif kind == "anomaly mask":
-            layer = self.viewer.add_labels(data, opacity=0.6, **kw)
+            style = result_style(kind, squash=squash, data=data)
+            contour = style.pop("contour")  # not an add_labels keyword
+            layer = self.viewer.add_labels(data, **style, **kw)
+            layer.contour = contour
             # after brush strokes, relabel and refresh the table (the edits are kept)
-            layer.events.paint.connect(lambda _e: self._post_timer.start())
+            layer.events.paint.connect(lambda _e: self._post_timer.start(PAINT_DEBOUNCE_MS))
         else:
-            hi = float(np.percentile(data, 99.9)) if data.size else 1.0
-            cmap = "inferno" if kind == "residual" else "gray"
-            layer = self.viewer.add_image(data, colormap=cmap, contrast_limits=(0.0, max(hi, 1e-3)),
-                                          visible=kind == "residual", **kw)
-        if kind == "residual":
-            layer.contrast_limits = (0.0, max(float(np.percentile(data, 99.9)), 1e-3))
+            layer = self.viewer.add_image(data, **result_style(kind, squash=squash, data=data),
+                                          **kw)
         if kind == "anomaly mask":
             layer.features = lesion_features(state.lesions)
+        if kind not in state.layers or state.layers[kind] is not layer:
+            self._bind_keys(layer)
+        state.layers[kind] = layer
 
     def _on_layer_removed(self, event: Any) -> None:
-        """Forget the result of a removed input; drop pending updates of a removed mask."""
+        """Forget the result of a removed input; a removed result layer is made again on demand."""
         layer = event.value
-        source = layer.metadata.get(SOURCE_KEY) if _is_result(layer) else layer.name
-        state = self._states.get(source)
-        if state is None:
-            return
-        state.generation.invalidate()
-        if not _is_result(layer):
-            del self._states[source]
+        layer.events.name.disconnect(self._refresh_layers)
+        state = self._states.pop(layer, None)
+        if state is not None:
+            state.generation.invalidate()
             if self._active is state:
                 self._active = None
                 self._show_lesions(None)
+        self._refresh_layers()
 
     def _on_image_changed(self, *_: Any) -> None:
         """Sliders and table follow the selected input if it has a result."""
-        state = self._states.get(self.image_combo.currentText())
+        state = self._states.get(self.image_combo.currentData())
         if state is not None and state is not self._active:
             self._active = state
             self._show_post(state.post)
             self._show_lesions(state)
+
+    def show_side_by_side(self, on: bool = True) -> None:
+        """FLAIR, reconstruction and residual side by side (napari grid), or back to overlay."""
+        state = self._active
+        layers = [self._input_layer(state)] + [self.result_layer(state, k) for k in _KINDS[:2]]
+        if on and all(ly is not None for ly in layers):
+            self._side_by_side.show(*layers)
+        else:
+            self._side_by_side.hide()
+            if on:
+                self.status.setText("Side by side needs a result: run a model first.")
+        self.side_button.blockSignals(True)
+        self.side_button.setChecked(self._side_by_side.enabled)
+        self.side_button.blockSignals(False)
+
+    def _input_layer(self, state: ReviewState | None):
+        return next((layer for layer, st in self._states.items() if st is state), None)
 
     # ----------------------------------------------------------------------------- post-processing
     def post_settings(self) -> PostSettings:
@@ -549,73 +599,92 @@ class AnomalyWidget(QWidget):
     def _on_post_changed(self, *_: Any) -> None:
         """Visible slice now, whole volume after a short debounce."""
         post = self.post_settings()
-        st = self.settings  # remembered as the next session's defaults (saved on run/update/close)
+        st = self.settings  # remembered as the next session's defaults (saved on run and close)
         st.kernel, st.mode, st.min_size, st.min_size_unit = (post.kernel, post.mode, post.min_size,
                                                              post.min_size_unit)
         state = self._active
-        layer = self.result_layer(state, "anomaly mask") if state is not None else None
-        if layer is None:
+        if state is None:
             return
-        z = self._current_index(layer)
+        layer = self.result_layer(state, "anomaly mask")
+        z = self._current_index(layer) if layer is not None else None
         if z is not None:
             state.record_edits(layer.data, index=z)
-            layer.data[z] = state.preview_slice(z, post)
-            layer.refresh()
+            layer.data[z] = state.preview_slice(z, post, current=layer.data[z])
+            # the slice only: the extent is unchanged, the thumbnail follows with the volume
+            layer.refresh(thumbnail=False, extent=False, highlight=False)
         state.generation.next()  # a volume update already running is now stale
         if self.synchronous:
+            self._request_volume()
+        else:  # once the slider's event is handled, so the slice is drawn first
+            self._post_timer.start(0)
+
+    def _request_volume(self) -> None:
+        """Start the whole-volume update now, or right after the one running (latest wins).
+
+        No debounce delay for a slider: the first step starts at once; steps during a running
+        update collapse into one update with the latest settings when it ends.
+        """
+        if self._post_worker is not None:
+            self._volume_pending = True
+            return
+        self._update_volume()
+
+    def _on_volume_finished(self) -> None:
+        self._post_worker = None
+        if self._volume_pending and not self._closed:
+            self._volume_pending = False
             self._update_volume()
-        else:
-            self._post_timer.start()
 
     def _update_volume(self) -> None:
         state = self._active
-        layer = self.result_layer(state, "anomaly mask") if state is not None else None
-        if layer is None:
+        if state is None:
             return
+        layer = self.result_layer(state, "anomaly mask")
         tag = state.generation.next()
-        state.record_edits(layer.data)
+        if layer is not None:
+            state.record_edits(layer.data)
         job = partial(compute_mask, state.residual, self.post_settings(), spacing=state.spacing,
                       origin=state.origin, brain=state.brain, edits=state.edits.snapshot())
-        done = partial(self._apply_mask, state, tag)
-        if self.synchronous:
-            done(job())
-            return
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(job, _start_thread=False)
-        worker.returned.connect(done)
-        worker.errored.connect(lambda exc: self._error(f"Post-processing failed: {exc}"))
-        self._post_worker = worker  # keep a reference while it runs
-        worker.start()
+        worker = start_task(
+            job, synchronous=self.synchronous, on_return=partial(self._apply_mask, state, tag),
+            on_error=lambda exc: self._error(f"Post-processing failed: {error_line(exc)}"),
+            on_warning=self._warn,
+        )
+        if worker is not None:  # kept referenced while it runs
+            self._post_worker = worker
+            worker.finished.connect(self._on_volume_finished)
 
     def _apply_mask(self, state: ReviewState, tag: int, result) -> None:
         if not state.generation.is_current(tag):
             return  # settings changed again (or layer gone) while computing: a newer one follows
-        layer = self.result_layer(state, "anomaly mask")
-        if layer is None:
+        source = self._input_layer(state)
+        if source is None:
             return
-        state.record_edits(layer.data)
-        layer.data = state.accept(state.finish(result))
-        layer.features = lesion_features(state.lesions)
+        layer = self.result_layer(state, "anomaly mask")
+        if layer is not None:
+            state.record_edits(layer.data)
+        labels = state.accept(state.finish(result))
+        self._set_result(state, "anomaly mask", labels, source)  # remade if it was deleted
+        residual = self.result_layer(state, "residual")
+        if residual is not None:  # the heat overlay starts at the threshold, its top is kept
+            from napari_tae.plugin._layers import follow_threshold
+
+            residual.contrast_limits = follow_threshold(residual.contrast_limits,
+                                                        result.post.squash)
         if state is self._active:
             self._show_lesions(state)
-        save_settings(self.settings)
 
     @property
     def is_updating(self) -> bool:
         """Whether a debounced or background whole-volume update is still pending."""
         state = self._active
-        if self._post_timer.isActive():
+        if self._post_timer.isActive() or self._post_worker is not None:
             return True
         return state is not None and state.post != self.post_settings()
 
     # ----------------------------------------------------------------------------- review
     def _show_lesions(self, state: ReviewState | None) -> None:
-        rows = lesion_rows(state.lesions if state is not None else [])
-        self.table.setRowCount(len(rows))
-        for row, cells in enumerate(rows):
-            for col, text in enumerate(cells):
-                self.table.setItem(row, col, QTableWidgetItem(text))
+        self.lesions.set_lesions(state.lesions if state is not None else [])
 
     def go_to_lesion(self, row: int) -> None:
         """Move the viewer to a lesion's centroid (slice and camera centre)."""
@@ -634,25 +703,22 @@ class AnomalyWidget(QWidget):
         self.table.selectRow(row)
 
     def _step_lesion(self, step: int) -> None:
-        n = self.table.rowCount()
+        n = self.lesions.rowCount()
         if n:
-            current = self.table.currentRow()
+            current = self.table.currentIndex().row()
             self.go_to_lesion((current + step) % n if current >= 0 else 0)
 
-    def _bind_keys(self) -> None:
+    def _bind_keys(self, layer) -> None:
+        """Lesion stepping keys on a result layer: active only while that layer is selected."""
         for key, step in ((NEXT_KEY, 1), (PREV_KEY, -1)):
-            try:
-                self.viewer.bind_key(key, lambda _v, s=step: self._step_lesion(s))
-            except ValueError:  # the user or another plugin owns it: leave theirs alone
-                continue
-            self._bound_keys.append(key)
+            layer.bind_key(key, lambda _layer, s=step: self._step_lesion(s), overwrite=True)
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
         self.cleanup()
         super().closeEvent(event)
 
     def cleanup(self) -> None:
-        """Unbind keys, stop workers and disconnect from the viewer (idempotent)."""
+        """Stop workers, save preferences and disconnect from the viewer (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -660,14 +726,9 @@ class AnomalyWidget(QWidget):
         self._post_timer.stop()
         for state in self._states.values():
             state.generation.invalidate()
-        for key in self._bound_keys:
-            self.viewer.bind_key(key, None)
-        self._bound_keys = []
-        save_settings(self.settings)
-        for ev in ("inserted", "removed", "moved"):
-            getattr(self.viewer.layers.events, ev).disconnect(self._refresh_layers)
-        self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
-        self.viewer.layers.events.inserted.disconnect(self._orient_radiological)
+        save_preferences(self.settings)
+        for emitter, callback in self._viewer_connections():
+            emitter.disconnect(callback)
 
     # ----------------------------------------------------------------------------- export
     def _export_clicked(self) -> None:
@@ -678,15 +739,14 @@ class AnomalyWidget(QWidget):
     def export(self, folder: str, base: str | None = None, *, ask: bool = False) -> dict | None:
         """Write mask, residual, lesion CSV and provenance JSON; ``ask`` before overwriting."""
         state = self._active
-        layer = self.result_layer(state, "anomaly mask") if state is not None else None
+        layer = self.result_layer(state, "anomaly mask")
         if layer is None:
             self._error("Nothing to export: run a model first.")
             return None
         import napari
 
         base = base or self.export_base.text().strip() or f"{state.source_name}_tae"
-        source = self.viewer.layers[state.source_name] if state.source_name in self.viewer.layers \
-            else None
+        source = self._input_layer(state)
         input_file = getattr(state.geometry, "source_path", None) or (
             str(source.source.path) if source is not None and source.source.path else None)
         state.record_edits(layer.data)
@@ -711,12 +771,40 @@ class AnomalyWidget(QWidget):
         except (OSError, ValueError) as exc:
             self._error(str(exc))
             return None
-        self.status.setText(f"Exported to {folder}: " + ", ".join(p.name for p in paths.values()))
+        self._info(f"Exported to {folder}: " + ", ".join(p.name for p in paths.values()))
         return paths
 
     # ----------------------------------------------------------------------------- messages
     def _error(self, message: str) -> None:
+        """The one report of a failure: the status line and one napari notification."""
         from napari.utils.notifications import show_error
 
         self.status.setText(f"<b style='color:red'>{message}</b>")
         show_error(message)
+
+    def _warn(self, message: str, category: type = UserWarning) -> None:
+        from napari.utils.notifications import show_warning
+
+        self.status.setText(f"<b style='color:orange'>{message}</b>")
+        show_warning(message)
+
+    def _info(self, message: str) -> None:
+        from napari.utils.notifications import show_info
+
+        self.status.setText(message)
+        show_info(message)
+
+
+def _replace_data(layer, data: np.ndarray) -> None:
+    """New data of the same shape and dtype copied into the layer's array, else assigned.
+
+    Copying in place skips what ``layer.data = ...`` redoes (dims, extent, dtype checks, a new
+    texture) and keeps napari's Labels undo history valid (it records voxel indices).
+    """
+    current = layer.data
+    if isinstance(current, np.ndarray) and current.shape == data.shape \
+            and current.dtype == data.dtype and current.flags.writeable:
+        np.copyto(current, data)
+        layer.refresh(extent=False)
+    else:
+        layer.data = data

@@ -98,9 +98,14 @@ class PostSettings:
 class EditRecord:
     """Voxels the user painted or erased on the mask layer, relative to what the plugin wrote.
 
-    Edits are found by comparing the layer's data with the last array written into it, which
-    catches every way of editing (brush, fill, eraser, console). A recomputed automatic mask is
-    merged as ``(auto | added) & ~erased``, so a slider change never undoes a manual edit.
+    Edits are found by comparing the layer's data (as a mask: label values do not matter) with
+    the last mask written into it, which catches every way of editing (brush, fill, eraser,
+    napari's undo, the console). A recomputed automatic mask is merged as
+    ``(auto | added) & ~erased``, so a slider change never undoes a manual edit.
+
+    An edit that takes back an earlier one (erasing painted voxels, painting erased ones back,
+    napari's undo of either) returns those voxels to the automatic mask instead of recording a
+    new edit, so undo really undoes (see ``docs/review.md``).
     """
 
     def __init__(self, shape: tuple[int, ...]) -> None:
@@ -117,19 +122,24 @@ class EditRecord:
     def n_erased(self) -> int:
         return 0 if self.erased is None else int(self.erased.sum())
 
+    @property
+    def any(self) -> bool:
+        return self.n_added + self.n_erased > 0
+
     def record(self, current: np.ndarray, written: np.ndarray, index: int | None = None) -> int:
-        """Remember voxels where ``current`` (layer data) differs from ``written``.
+        """Remember voxels where ``current`` (layer data) differs from ``written`` as a mask.
 
         Args:
             current: The mask layer's data (labels, 0 = background).
-            written: What the plugin last wrote into the layer.
+            written: What the plugin last wrote into the layer (labels or bool).
             index: Compare only this axial slice (cheap check before a slice preview).
 
         Returns:
             Number of differing voxels found.
         """
-        cur = np.asarray(current if index is None else current[index])
+        cur = np.asarray(current if index is None else current[index]) != 0
         old = np.asarray(written if index is None else written[index])
+        old = old if old.dtype == bool else old != 0  # the widget keeps ``written`` as bool
         diff = cur != old
         n = int(np.count_nonzero(diff))
         if n == 0:
@@ -139,12 +149,15 @@ class EditRecord:
             self.erased = np.zeros(self.shape, dtype=bool)
         added = self.added if index is None else self.added[index]
         erased = self.erased if index is None else self.erased[index]
-        painted = diff & (cur != 0)
-        removed = diff & (cur == 0)
-        added[painted] = True
-        erased[painted] = False
-        erased[removed] = True
+        painted = diff & cur
+        removed = diff & old
+        # taking back an earlier edit returns the voxel to the automatic mask
+        new_erased = removed & ~added
+        new_added = painted & ~erased
         added[removed] = False
+        erased[painted] = False
+        erased |= new_erased
+        added |= new_added
         self.version += 1
         return n
 
@@ -172,6 +185,7 @@ class MaskResult:
 
     post: PostSettings
     auto: np.ndarray           # bool, the automatic mask without manual edits
+    merged: np.ndarray         # bool, ``auto`` with the manual edits (never modified later)
     labels: np.ndarray         # int32 components of the merged mask, 1 = largest
     lesions: list[dict]        # napari_tae.postprocess.lesion_table of the merged mask
     edit_version: int          # EditRecord.version the merge used
@@ -203,13 +217,13 @@ def compute_mask(
             min_size=post.min_voxels(spacing), brain=brain,
         )
     added, erased, version = edits
-    merged = auto.copy()
+    merged = auto
     if added is not None:
-        merged |= added
-        merged &= ~erased
+        merged = (auto | added) & ~erased
     labels, _ = label_lesions(merged)
-    lesions = lesion_table(merged, residual, spacing, origin)
-    return MaskResult(post=post, auto=auto, labels=labels, lesions=lesions, edit_version=version)
+    lesions = lesion_table(merged, residual, spacing, origin, labels=labels)  # labelled once
+    return MaskResult(post=post, auto=auto, merged=merged, labels=labels, lesions=lesions,
+                      edit_version=version)
 
 
 @dataclass
@@ -233,6 +247,7 @@ class ReviewState:
     post: PostSettings = field(default_factory=PostSettings)
     written: np.ndarray | None = None
     lesions: list[dict] = field(default_factory=list)
+    layers: dict[str, Any] = field(default_factory=dict)  # viewer layers showing it, by kind
     edits: EditRecord = field(init=False)
     generation: Generation = field(default_factory=Generation)  # post-processing results
 
@@ -242,7 +257,13 @@ class ReviewState:
     def record_edits(self, layer_data: np.ndarray, index: int | None = None) -> int:
         if self.written is None or np.shape(layer_data) != self.written.shape:
             return 0
-        return self.edits.record(layer_data, self.written, index)
+        n = self.edits.record(layer_data, self.written, index)
+        if n:  # recorded once: reverting edits (undo) must not be counted again next time
+            if index is None:
+                self.written = np.asarray(layer_data) != 0
+            else:
+                self.written[index] = np.asarray(layer_data[index]) != 0
+        return n
 
     def compute(self, post: PostSettings) -> MaskResult:
         """Synchronous whole-volume update (background workers call :func:`compute_mask`)."""
@@ -264,24 +285,26 @@ class ReviewState:
         """Adopt a finished result; returns the array to write into the mask layer."""
         self.post = result.post
         self.lesions = result.lesions
-        self.written = result.labels.copy()  # the layer gets ``labels``; painting must not alter this
+        # the layer gets ``labels`` (painted on in place); the slice previews update ``written``
+        self.written = result.merged.copy()
         return result.labels
 
-    def preview_slice(self, index: int, post: PostSettings) -> np.ndarray:
+    def preview_slice(self, index: int, post: PostSettings,
+                      current: np.ndarray | None = None) -> np.ndarray:
         """Instant mask of one axial slice (no ``min_size``: that needs the whole volume).
 
-        Surviving voxels keep their current lesion label so colours do not flicker; new ones get
-        label 1 until the whole-volume pass relabels them.
+        Voxels that stay in the mask keep their label in ``current`` (the layer's slice) so that
+        lesion ids do not flicker; new ones get label 1 until the whole-volume pass relabels them.
         """
         auto = slice_mask(
             self.residual, kernel=post.kernel, squash=post.squash, mode=post.mode, index=index,
             brain=self.brain,
         )
         merged = self.edits.apply(auto, index)
-        old = self.written[index] if self.written is not None else np.zeros_like(merged, np.int32)
+        old = np.zeros(merged.shape, np.int32) if current is None else np.asarray(current)
         out = np.where(merged, np.where(old > 0, old, 1), 0).astype(np.int32)
         if self.written is not None:
-            self.written[index] = out
+            self.written[index] = merged
         return out
 
     def current_lesions(self, layer_data: np.ndarray) -> list[dict]:
