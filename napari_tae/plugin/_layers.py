@@ -29,8 +29,8 @@ __all__ = [
     "residual_limits",
     "result_style",
     "set_radiological_view",
-    "viewer_camera",
     "single_colour",
+    "viewer_camera",
 ]
 
 #: ``layer.metadata`` key of the source :class:`~napari_tae.io.Geometry`

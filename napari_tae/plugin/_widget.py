@@ -492,7 +492,11 @@ class AnomalyWidget(QWidget):
 
     def _set_result(self, state: ReviewState, kind: str, data: np.ndarray, source) -> None:
         """Write a result into its layer (one assignment of its data), adding it if needed."""
-        from napari_tae.plugin._layers import layer_kwargs, residual_limits, result_style
+        from napari_tae.plugin._layers import (
+            layer_kwargs,
+            residual_limits,
+            result_style,
+        )
 
         name = f"{state.source_name} {kind}"
         metadata = {RESULT_KEY: kind, SOURCE_KEY: state.source_name}
