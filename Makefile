@@ -28,5 +28,7 @@ demo: sysdeps $(VENV)/.installed
 test: sysdeps $(VENV)/.installed
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest -q
 
-benchmark: $(VENV)/.installed
-	for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+# under Xvfb: bench_live_update.py drives the widget in a shown napari window
+benchmark: sysdeps $(VENV)/.installed
+	for script in benchmarks/bench_*.py; do echo "== $$script"; \
+		xvfb-run -a -s "-screen 0 1280x800x24" $(PY) $$script || exit 1; done

@@ -75,6 +75,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
+    from napari_tae.plugin._demo import display_problem
+
+    problem = display_problem()
+    if problem is not None:  # Qt would abort the process without a display
+        raise SystemExit("bench_live_update: " + problem.replace("napari-tae demo", "python benchmarks/bench_live_update.py"))
     os.environ.setdefault("NAPARI_TAE_CONFIG_DIR", tempfile.mkdtemp())  # not the user's settings
 
     import napari
