@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from ._atomic import atomic_path
+from ._atomic import atomic_path, write_text_atomic
 from .models._base import ReconstructionModel
 
 __all__ = [
@@ -36,6 +36,9 @@ __all__ = [
     "load_model",
     "resolve_checkpoint",
     "weights_sha256",
+    "INTENSITY_METADATA",
+    "intensity_metadata",
+    "write_metadata_json",
 ]
 
 FORMAT_VERSION = 1
@@ -67,6 +70,9 @@ class CheckpointMeta:
         calibration: Thresholds in percent of the intensity range ({"p99": q, ..., "default": q}) or {}.
         training: Training summary (free-form, JSON).
         sha256: Short hex SHA-256 of the weights (see :func:`weights_sha256`).
+        scores: The anomaly scores it offers, their parameters, its default score and the
+            calibration table per score, median kernel and mode (:mod:`napari_tae.scores`); {}
+            in checkpoints written before scores existed (their ``calibration`` still applies).
     """
 
     format_version: int
@@ -77,14 +83,14 @@ class CheckpointMeta:
     calibration: dict[str, float]
     training: dict[str, Any]
     sha256: str
+    scores: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CheckpointMeta":
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{k: d[k] for k in names})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -116,9 +122,13 @@ def save_checkpoint(
         preprocessing: dict[str, Any],
         calibration: dict[str, float] | None = None,
         training: dict[str, Any] | None = None,
+        scores: dict[str, Any] | None = None,
         overwrite: bool = False,
 ) -> Path:
     """Write ``model`` and its metadata to ``path`` (``.safetensors``), atomically.
+
+    Re-saving a loaded checkpoint's model with new metadata (e.g. a recalibration) keeps its
+    weights and their sha256.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -143,6 +153,7 @@ def save_checkpoint(
         calibration={k: float(v) for k, v in (calibration or {}).items()},
         training=dict(training or {}),
         sha256=weights_sha256(state),
+        scores=dict(scores or {}),
     )
     header = {"format": "pt", _META_KEY: _json(meta.to_dict(), "checkpoint metadata")}
     _check_calibration(path, meta.calibration)
@@ -205,7 +216,8 @@ def _validate_meta(path: Path, d: Any) -> CheckpointMeta:
                                     f"supports ({FORMAT_VERSION}); update napari-tae")
     if version != FORMAT_VERSION:
         raise CheckpointError(path, f"unsupported checkpoint format version {version} (expected {FORMAT_VERSION})")
-    missing = [f.name for f in dataclasses.fields(CheckpointMeta) if f.name not in d]
+    missing = [f.name for f in dataclasses.fields(CheckpointMeta)
+               if f.name not in d and f.default_factory is dataclasses.MISSING]
     if missing:
         raise CheckpointError(path, f"metadata lacks {', '.join(missing)}")
     types = {"model_name": str, "config": dict, "img_size": int, "preprocessing": dict, "calibration": dict,
@@ -215,7 +227,11 @@ def _validate_meta(path: Path, d: Any) -> CheckpointMeta:
             raise CheckpointError(path, f"metadata field {key!r} should be {typ.__name__}, got {type(d[key]).__name__}")
     _check_calibration(path, d["calibration"])
     from .models import list_models
+    from .scores import check_score_meta
 
+    problem = check_score_meta(d.get("scores", {}))
+    if problem:
+        raise CheckpointError(path, problem)
     if d["model_name"] not in list_models():
         raise CheckpointError(path, f"unknown model {d['model_name']!r} (known: {', '.join(list_models())})")
     if d["config"].get("img_size", d["img_size"]) != d["img_size"]:
@@ -294,6 +310,33 @@ def default_checkpoint() -> str:
     return min(bundled) if bundled else "intensity"
 
 
+#: Calibration of the parameter-free ``intensity`` baseline: checkpoint metadata without weights
+#: (see ``checkpoints/README.md`` for the command that writes it).
+INTENSITY_METADATA = BUNDLED_DIR / "intensity.json"
+
+
+def write_metadata_json(path: str | os.PathLike, meta: CheckpointMeta) -> Path:
+    """Write the metadata of a weightless model (the ``intensity`` baseline) as JSON, atomically."""
+    path = Path(path)
+    write_text_atomic(path, json.dumps(meta.to_dict(), allow_nan=False, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def intensity_metadata(path: str | os.PathLike = INTENSITY_METADATA) -> CheckpointMeta | None:
+    """The ``intensity`` baseline's calibration metadata; None when the file is not installed."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"unreadable intensity metadata: {e}") from None
+    meta = _validate_meta(path, d)
+    if meta.model_name != "intensity" or meta.sha256 != weights_sha256({}):
+        raise CheckpointError(path, f"not the intensity baseline's metadata (model {meta.model_name})")
+    return meta
+
+
 def resolve_checkpoint(spec: str | os.PathLike) -> Path | None:
     """Path of a checkpoint given as a file or a bundled name; None for the ``intensity`` baseline.
 
@@ -316,10 +359,16 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path | None:
 
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu"
                ) -> tuple[ReconstructionModel, CheckpointMeta | None]:
-    """``(model, meta)`` for a checkpoint file, a bundled name, or ``"intensity"`` (meta None)."""
+    """``(model, meta)`` for a checkpoint file, a bundled name, or ``"intensity"``.
+
+    The intensity baseline's meta is its bundled calibration (:func:`intensity_metadata`), None
+    when that file is not installed.
+    """
     path = resolve_checkpoint(spec)
     if path is None:
         from .models import build_model
 
-        return build_model("intensity").to(device), None
+        meta = intensity_metadata()
+        config = meta.config if meta is not None else {}
+        return build_model("intensity", **config).to(device), meta
     return load_checkpoint(path, device=device)

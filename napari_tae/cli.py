@@ -39,6 +39,7 @@ from napari_tae.io import (
     nifti_stem,
 )
 from napari_tae.options import DEVICE_CHOICES, MEDIAN_MODES, check_median_kernel
+from napari_tae.scores import SCORES
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -233,6 +234,7 @@ class Segmenter:
             "median_kernel": args.median_kernel,
             "median_mode": args.median_mode,
             "squash": args.squash,
+            "score": args.score,
             "min_size": args.min_size,
             "brain_mask_sha256": None if brain is None else _digest(brain),
         }
@@ -248,7 +250,8 @@ class Segmenter:
             volume = dicom.load_series(case.series) if case.series is not None else load_volume(case.source)
             brain = _brain_mask_for(_brain_mask_file(case, args.brain_mask), case, volume.geometry)
             result = segment(volume, self.model, self.meta, kernel=args.median_kernel, squash=args.squash,
-                             mode=args.median_mode, min_size=args.min_size, brain=brain, device=args.device)
+                             mode=args.median_mode, min_size=args.min_size, brain=brain, device=args.device,
+                             score=args.score)
         # a warning (e.g. not skull-stripped) is about this file: say which, on one line
         for warning in caught:
             _logger.warning("%s: %s", case.source, str(warning.message).splitlines()[0])
@@ -256,6 +259,7 @@ class Segmenter:
         # the temporaries exist (created empty, private to this run): overwrite=True fills them
         save_volume(result.reconstruction, geometry, files.temporary("reconstruction"), overwrite=True)
         save_volume(result.residual, geometry, files.temporary("residual"), overwrite=True)
+        save_volume(result.score, geometry, files.temporary("score"), overwrite=True)
         save_volume(result.mask, geometry, files.temporary("mask"), labels=True, overwrite=True)
         write_lesion_csv(result.lesions, files.temporary("lesions"))
         settings = dict(result.settings)
@@ -346,8 +350,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
         args.checkpoint = default_checkpoint()
     args.device = _rank_device(args.device, local_rank, world)
-    # the model is loaded once, before any file, so a bad checkpoint fails fast
+    # the model is loaded once, before any file, so a bad checkpoint (or score) fails fast
     loaded = _load_model(args.checkpoint)
+    if args.score is not None:
+        from napari_tae.scores import score_spec
+
+        try:
+            score_spec(loaded[1], args.score)
+        except ValueError as exc:
+            raise CLIError(f"{args.checkpoint}: {exc}") from None
     if rank > 0:
         results = []  # planning failures are reported once, by rank 0
     mine = batch.shard(cases, rank, world)
@@ -535,8 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
         "segment",
         parents=[common],
         help="segment NIfTI files, folders of them or DICOM series headlessly",
-        description="For each input writes <name>_reconstruction/_residual/_mask.nii.gz on the "
-        "input's grid, <name>_lesions.csv and <name>_provenance.json; a DICOM series also gets "
+        description="For each input writes <name>_reconstruction/_residual/_score/_mask.nii.gz on "
+        "the input's grid (the score is what the mask thresholds, before the median), "
+        "<name>_lesions.csv and <name>_provenance.json; a DICOM series also gets "
         "<name>_mask.seg.dcm (DICOM SEG referencing the series), <name> being its "
         "SeriesDescription or folder name. An input's outputs are written as one set: complete or "
         "absent. Complete sets made with the same settings are skipped, those a killed run left "
@@ -591,12 +603,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--median-mode", choices=MEDIAN_MODES, default="2d", help="per-slice or volume median (default 2d)"
     )
     post.add_argument(
+        "--score",
+        choices=SCORES,
+        default=None,
+        help="anomaly score the mask thresholds: the residual, FLAIR + w * residual ('fused') or "
+        "the residual where the FLAIR is bright ('prior'); default: the checkpoint's (see "
+        "docs/scores.md)",
+    )
+    post.add_argument(
         "--squash",
         type=_percentage,
         default=None,
         metavar="Q",
         help="threshold in percent of the intensity range (default: the checkpoint's calibrated "
-        "value, 1 without one)",
+        "value for the score and median, else a robust per-scan one)",
     )
     post.add_argument(
         "--min-size", type=_non_negative_int, default=0, metavar="N", help="drop lesions under N voxels"

@@ -40,6 +40,7 @@ class ExportError(ValueError):
 OUTPUT_KINDS = {
     "reconstruction": "_reconstruction.nii.gz",
     "residual": "_residual.nii.gz",
+    "score": "_score.nii.gz",  # what the mask thresholds, before the median (napari_tae.scores)
     "mask": "_mask.nii.gz",
     "lesions": "_lesions.csv",
     "seg": "_mask.seg.dcm",  # DICOM inputs only: the mask as a DICOM SEG referencing the series

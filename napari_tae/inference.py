@@ -29,6 +29,7 @@ from torch import nn
 from .options import DEVICE_CHOICES
 from .postprocess import anomaly_mask, lesion_table, residual as residual_map
 from .preprocess import NormParams, brain_mask, norm_from_settings, prepare_volume
+from .scores import default_score, label_free_squash, score_spec
 
 __all__ = [
     "Reconstruction",
@@ -256,7 +257,8 @@ class Segmentation:
 
     ``reconstruction``, ``residual`` and ``normalised`` are (Z, Y, X) float32, ``mask`` and
     ``brain`` bool; ``lesions`` is :func:`napari_tae.postprocess.lesion_table`'s list; ``settings``
-    is a JSON-serialisable provenance record of how the result was made.
+    is a JSON-serialisable provenance record of how the result was made. ``score`` is what the mask
+    thresholds, before the median (:mod:`napari_tae.scores`; the residual itself by default).
     """
 
     reconstruction: np.ndarray
@@ -268,6 +270,7 @@ class Segmentation:
     brain: np.ndarray | None = None
     norm: NormParams | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    score: np.ndarray | None = None
 
 
 def norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams | None:
@@ -281,12 +284,11 @@ def norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams
     return norm_from_settings(data, brain, getattr(meta, "preprocessing", None) or {})
 
 
-def default_squash(meta: Any) -> tuple[float, str]:
-    """The checkpoint's calibrated squash (percent) and its source, else 1 % (the paper's S_1%)."""
-    calibration = getattr(meta, "calibration", None) or {}
-    if "default" in calibration:
-        return float(calibration["default"]), "calibrated"
-    return 1.0, "paper default"
+def default_squash(meta: Any, score: str | None = None, kernel: int = 5, mode: str = "2d") -> tuple[float, str]:
+    """The checkpoint's calibrated squash (percent) for a score (None: its default) and median, and
+    its source; else 1 % (the paper's S_1%). :func:`segment` falls back to a per-scan threshold
+    instead (:func:`napari_tae.scores.label_free_squash`)."""
+    return label_free_squash(meta, default_score(meta) if score is None else score, kernel, mode)
 
 
 def segment(
@@ -302,6 +304,7 @@ def segment(
     device: str | torch.device = "auto",
     batch_size: int = 8,
     amp: bool = True,
+    score: str | None = None,
 ) -> Segmentation:
     """Full headless path: reconstruct, residual, mask and lesion table, with provenance.
 
@@ -313,27 +316,34 @@ def segment(
             settings and the calibrated default squash.
         kernel, mode: Median filter (odd kernel, 1 = off; ``"2d"`` or ``"3d"``).
         squash: Threshold in percent of the intensity range; None = the checkpoint's calibrated
-            ``"default"``, else 1.
+            value for this score, kernel and mode, else a per-scan robust one
+            (:func:`napari_tae.scores.label_free_squash`).
         min_size: Smallest connected component kept, in voxels.
         brain: Optional brain mask; else guessed from the background.
         device, batch_size, amp: As in :func:`iter_reconstruct`.
+        score: ``"residual"``, ``"fused"`` or ``"prior"`` (None: the checkpoint's default).
+
+    Raises:
+        ValueError: a score the checkpoint has no parameters for (before any computation).
     """
     data = np.asarray(getattr(volume, "data", volume))
     geometry = getattr(volume, "geometry", None)
     spacing = tuple(float(s) for s in geometry.spacing) if geometry is not None else (1.0,) * data.ndim
     origin = tuple(float(o) for o in geometry.origin) if geometry is not None else (0.0,) * data.ndim
-    if squash is None:
-        squash, squash_source = default_squash(meta)
-    else:
-        squash, squash_source = float(squash), "user"
+    spec = score_spec(meta, score)
 
     t0 = time.perf_counter()
     rec = reconstruct(
         model, data, brain=brain, meta=meta, device=device, batch_size=batch_size, amp=amp
     )
     t1 = time.perf_counter()
+    values = spec.compute(rec.normalised, rec.residual, rec.brain)
+    if squash is None:
+        squash, squash_source = label_free_squash(meta, spec.name, kernel, mode, values, rec.brain)
+    else:
+        squash, squash_source = float(squash), "user"
     mask = anomaly_mask(
-        rec.residual, kernel=kernel, squash=squash, mode=mode, min_size=min_size, brain=rec.brain
+        values, kernel=kernel, squash=squash, mode=mode, min_size=min_size, brain=rec.brain
     )
     lesions = lesion_table(mask, rec.residual, spacing, origin)
     t2 = time.perf_counter()
@@ -348,6 +358,8 @@ def segment(
         "median_mode": mode,
         "squash": float(squash),
         "squash_source": squash_source,
+        "score": spec.name,
+        "score_params": spec.to_dict(),
         "calibration": dict(getattr(meta, "calibration", None) or {}),
         "min_size": int(min_size),
         "connectivity": 26,
@@ -365,6 +377,7 @@ def segment(
         brain=rec.brain,
         norm=rec.norm,
         timings={"reconstruct_s": t1 - t0, "postprocess_s": t2 - t1},
+        score=values,
     )
 
 

@@ -25,7 +25,7 @@ numpy/scipy only: no torch, no napari.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ __all__ = [
     "label_lesions",
     "lesion_table",
     "calibrate",
+    "filtered_quantiles",
     "CALIBRATION_PERCENTILES",
 ]
 
@@ -495,6 +496,72 @@ def lesion_table(
 
 
 # --------------------------------------------------------------------------------------------
+# exact percentiles of median-filtered volumes, without the median filter (calibration)
+# --------------------------------------------------------------------------------------------
+def _filtered_counter(scores: Sequence[np.ndarray], brains: Sequence[np.ndarray], kernel: int,
+                      mode: str) -> Callable[..., int]:
+    """``count(t, above)``: brain voxels whose median-filtered score is > t (above) or < t."""
+    axes = [_filter_axes(s.ndim, _check_mode(mode, s.ndim)) for s in scores]
+
+    def count(t: float, above: bool = True) -> int:
+        total = 0
+        for s, b, ax in zip(scores, brains, axes):
+            # the median of an odd window is > t (< t) exactly when most of its values are
+            vote = _majority(s > t if above else s < t, kernel, ax)
+            total += int(np.count_nonzero(vote & b))
+        return total
+
+    return count
+
+
+def _smallest(candidates: np.ndarray, ok: Callable[[float], bool]) -> float:
+    """Smallest candidate (sorted ascending) for which the monotone predicate ``ok`` holds."""
+    lo, hi = 0, candidates.size - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(float(candidates[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(candidates[lo])
+
+
+def _pooled(scores: Sequence[np.ndarray], brains: Sequence[np.ndarray]) -> tuple[list, list, int]:
+    scores = [np.asarray(s, dtype=np.float32) for s in scores]
+    if len(brains) != len(scores):
+        raise ValueError(f"{len(scores)} score volume(s) but {len(brains)} brain mask(s)")
+    brains = [_check_brain(b, s.shape) for s, b in zip(scores, brains)]
+    n = sum(int(np.count_nonzero(b)) for b in brains)
+    if n == 0:
+        raise ValueError("no brain voxels in the calibration volumes")
+    return scores, brains, n
+
+
+def filtered_quantiles(
+    scores: Sequence[np.ndarray],
+    brains: Sequence[np.ndarray],
+    percentiles: Sequence[float],
+    kernel: int = 5,
+    mode: str = "2d",
+) -> list[float]:
+    """Percentiles of the median-filtered scores over the brain voxels of all volumes pooled.
+
+    The percentile ``p`` is the smallest filtered value ``t`` such that at most ``1 - p / 100`` of
+    the brain voxels are above it (numpy's ``method="inverted_cdf"``), so the threshold ``t``
+    flags at most that fraction of the calibration brains. Exact, and equal to
+    ``np.percentile(median_filtered(s)[brain], p, method="inverted_cdf")``.
+
+    Returns:
+        The percentiles in score units (not percent).
+    """
+    kernel = check_median_kernel(kernel)
+    scores, brains, n = _pooled(scores, brains)
+    candidates = np.unique(np.concatenate([s.ravel() for s in scores]))
+    count = _filtered_counter(scores, brains, kernel, mode)
+    return [_smallest(candidates, lambda t, p=p: count(t) <= n * (1.0 - p / 100.0)) for p in percentiles]
+
+
+# --------------------------------------------------------------------------------------------
 # label-free calibration
 # --------------------------------------------------------------------------------------------
 def calibrate(
@@ -505,10 +572,11 @@ def calibrate(
 ) -> dict[str, float]:
     """Squash thresholds from healthy volumes: percentiles of filtered brain residuals.
 
-    The 99th, 99.5th and 99.9th percentiles of the median-filtered residual over the brain voxels
-    of all (healthy) volumes pooled, i.e. voxel false-positive rates of about 1 %, 0.5 % and
-    0.1 % with the same kernel and mode. Values are in percent of the intensity range, the unit
-    of ``squash``.
+    The 99th, 99.5th and 99.9th percentiles (:func:`filtered_quantiles`) of the median-filtered
+    residual over the brain voxels of all (healthy) volumes pooled: each flags at most 1 %, 0.5 %
+    and 0.1 % of the calibration brain voxels with the same kernel and mode. Values are in percent
+    of the intensity range, the unit of ``squash``. The scores other than the residual are
+    calibrated into a table by :func:`napari_tae.scores.calibration_table`.
 
     Args:
         residuals: Residual volumes of healthy subjects.
@@ -519,21 +587,15 @@ def calibrate(
     Returns:
         ``{"p99": q, "p99.5": q, "p99.9": q, "default": q_p99}``.
     """
-    values = []
-    brains_iter = iter(brains)
-    for i, r in enumerate(residuals):
-        brain = next(brains_iter, None)
-        if brain is None:
-            raise ValueError(f"calibrate: no brain mask for residual volume {i}")
-        r = np.asarray(r)
-        brain = _check_brain(brain, r.shape)
-        values.append(median_filtered(r, kernel, mode)[brain])
-    if next(brains_iter, None) is not None:
+    residuals, brains = list(residuals), list(brains)
+    if len(brains) < len(residuals):
+        raise ValueError(f"calibrate: no brain mask for residual volume {len(brains)}")
+    if len(brains) > len(residuals):
         raise ValueError("calibrate: more brain masks than residual volumes")
-    pooled = np.concatenate(values) if values else np.zeros(0, np.float32)
-    if pooled.size == 0:
-        raise ValueError("calibrate: no brain voxels in the calibration volumes")
-    q = np.percentile(pooled, CALIBRATION_PERCENTILES) * 100.0
-    out = {f"p{p:g}": float(v) for p, v in zip(CALIBRATION_PERCENTILES, q)}
-    out["default"] = out["p99"]
+    try:
+        q = filtered_quantiles(residuals, brains, CALIBRATION_PERCENTILES, kernel, mode)
+    except ValueError as exc:
+        raise ValueError(f"calibrate: {exc}") from None
+    out = {f"p{p:g}": 100.0 * v for p, v in zip(CALIBRATION_PERCENTILES, q)}
+    out["default"] = out[f"p{CALIBRATION_PERCENTILES[0]:g}"]
     return out

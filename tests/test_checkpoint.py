@@ -262,7 +262,10 @@ def test_resolve_and_load_by_file_bundled_name_or_intensity(tmp_path):
 
     assert resolve_checkpoint("intensity") is None
     model, meta = load_model("intensity")
-    assert meta is None and sum(p.numel() for p in model.parameters()) == 0
+    # the baseline has no weights but a bundled calibration (checkpoints/intensity.json)
+    assert sum(p.numel() for p in model.parameters()) == 0
+    assert meta.model_name == "intensity" and meta.img_size == model.img_size
+    assert meta.sha256 == weights_sha256({}) and meta.calibration["default"] > 50
     saved, path = _saved(tmp_path)
     assert resolve_checkpoint(path) == path
     loaded, meta = load_model(str(path))
@@ -274,3 +277,60 @@ def test_resolve_and_load_by_file_bundled_name_or_intensity(tmp_path):
         assert resolve_checkpoint(name) == bundled
     with pytest.raises(CheckpointError, match="no_such_model.*bundled: intensity"):
         resolve_checkpoint("no_such_model")
+
+
+SCORES_META = {
+    "default": "fused",
+    "fused": {"weight": 0.75, "auprc": {"0.75": 0.5}},
+    "prior": {"threshold": 0.6, "percentile": 90.0},
+    "table": [{"score": "fused", "kernel": 5, "mode": "2d", "p99": 80.0, "p99.5": 85.0, "p99.9": 90.0}],
+}
+
+
+def test_scores_metadata_round_trip_and_recalibration_keeps_weights(tmp_path):
+    model, path = _saved(tmp_path)
+    old = read_metadata(path)
+    assert old.scores == {}
+    loaded, _ = load_checkpoint(path)
+    again = save_checkpoint(tmp_path / "recalibrated.safetensors", loaded, preprocessing=old.preprocessing,
+                            calibration=old.calibration, training=old.training, scores=SCORES_META)
+    meta = read_metadata(again)
+    assert meta.scores == SCORES_META and meta.sha256 == old.sha256
+    assert meta.to_dict()["scores"] == SCORES_META
+
+
+def test_checkpoint_without_scores_field_still_loads(tmp_path):
+    # files written before scores existed have no 'scores' key at all
+    _, path = _saved(tmp_path)
+    old = _rewrite(path, tmp_path / "old.safetensors", lambda m: m.pop("scores"))
+    model, meta = load_checkpoint(old)
+    assert meta.scores == {} and meta.calibration == CALIB
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(scores=[]), "'scores' should be dict"),
+    (lambda m: m.update(scores={"default": "edges"}), "unknown default score 'edges'"),
+    (lambda m: m.update(scores={"default": "fused"}), "default score 'fused' has no parameters"),
+    (lambda m: m.update(scores={"fused": {"weight": "big"}}), "lacks a numeric 'weight'"),
+    (lambda m: m.update(scores={"table": [{"score": "residual", "kernel": 5}]}), "malformed calibration table"),
+])
+def test_bad_scores_metadata_refused_in_one_line(tmp_path, edit, match):
+    _, path = _saved(tmp_path)
+    _refused(_rewrite(path, tmp_path / "bad.safetensors", edit), match, meta_only=True)
+
+
+def test_intensity_metadata_file_checked(tmp_path):
+    import dataclasses
+
+    from napari_tae.checkpoint import intensity_metadata, write_metadata_json
+
+    assert intensity_metadata(tmp_path / "absent.json") is None
+    meta = intensity_metadata()
+    path = write_metadata_json(tmp_path / "intensity.json", meta)
+    assert intensity_metadata(path) == meta
+    write_metadata_json(path, dataclasses.replace(meta, sha256="0" * 12))
+    with pytest.raises(CheckpointError, match="not the intensity baseline"):
+        intensity_metadata(path)
+    path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable intensity metadata"):
+        intensity_metadata(path)

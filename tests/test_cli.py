@@ -68,7 +68,7 @@ def test_segment_writes_outputs_on_input_grid(cases, tmp_path):
         source = nib.load(cases[key])
         outs = _outputs(out_dir, name)
         assert all(p.is_file() and p.stat().st_size > 0 for p in outs.values()), sorted(out_dir.iterdir())
-        for suffix in ("_reconstruction.nii.gz", "_residual.nii.gz", "_mask.nii.gz"):
+        for suffix in ("_reconstruction.nii.gz", "_residual.nii.gz", "_score.nii.gz", "_mask.nii.gz"):
             img = nib.load(outs[suffix])
             assert img.shape == source.shape
             np.testing.assert_allclose(img.affine, source.affine, atol=1e-5)
@@ -91,6 +91,9 @@ def test_segment_writes_outputs_on_input_grid(cases, tmp_path):
         record = json.loads(outs["_provenance.json"].read_text())
         assert record["input"] == str(cases[key].resolve())
         assert record["model"]["name"] == "intensity"
+        # the provenance names the score the mask thresholds, and its calibrated threshold
+        assert record["settings"]["score"] == "residual"
+        assert record["settings"]["squash_source"] == "calibrated"
         assert record["settings"]["min_size"] == 3
         assert record["lesions"] == len(rows)
         assert record["software"]["napari_tae"]
@@ -116,6 +119,57 @@ def _logged(capsys, level: str) -> list[str]:
     """The CLI's log lines of one level (printed to stderr, through tqdm)."""
     prefix = f"napari-tae: {level}: "
     return [line[len(prefix):] for line in capsys.readouterr().err.splitlines() if line.startswith(prefix)]
+
+
+def _fused_checkpoint(tmp_path: Path) -> Path:
+    """A tiny checkpoint offering the three scores (weights: an untrained model)."""
+    import torch
+
+    from napari_tae.checkpoint import save_checkpoint
+    from napari_tae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("b_tae", img_size=32, embed_dim=16, depth=1, num_heads=2, patch_size=8)
+    scores = {"default": "residual", "fused": {"weight": 0.5}, "prior": {"threshold": 0.3},
+              "table": [{"score": s, "kernel": 5, "mode": "2d", "p99": 40.0, "p99.5": 45.0, "p99.9": 50.0}
+                        for s in ("residual", "fused", "prior")]}
+    return save_checkpoint(tmp_path / "tiny.safetensors", model, preprocessing={"normalisation": "per_volume",
+                           "upper_percentile": 99.5}, calibration={"p99": 40.0, "default": 40.0}, scores=scores)
+
+
+def test_segment_score_option_writes_the_thresholded_score(cases, tmp_path):
+    from napari_tae.inference import segment
+    from napari_tae.io import load_volume
+    from napari_tae.scores import anomaly_score
+
+    ckpt = _fused_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    assert main(["-q", "segment", str(cases["plain"]), "-m", str(ckpt), "-o", str(out), "--score", "fused"]) == 0
+    score = load_volume(out / "case_a_score.nii.gz").data
+    residual = load_volume(out / "case_a_residual.nii.gz").data
+    record = json.loads((out / "case_a_provenance.json").read_text())
+    assert record["settings"]["score"] == "fused"
+    assert record["settings"]["score_params"] == {"name": "fused", "weight": 0.5}
+    assert record["settings"]["squash"] == 40.0 and record["outputs"]["score"].endswith("case_a_score.nii.gz")
+    # the written score is FLAIR + 0.5 * residual inside the brain, before the median
+    from napari_tae.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(ckpt)
+    expected = segment(load_volume(cases["plain"]), model, meta, score="fused", device="cpu")
+    np.testing.assert_allclose(score, expected.score, atol=1e-6)
+    np.testing.assert_allclose(score, anomaly_score("fused", expected.normalised, residual, expected.brain,
+                                                    weight=0.5), atol=1e-6)
+    np.testing.assert_array_equal(load_volume(out / "case_a_mask.nii.gz").data > 0, expected.mask)
+
+
+def test_segment_score_not_offered_is_one_line_before_any_file(cases, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["segment", str(cases["plain"]), "-m", "intensity", "-o", str(out), "--score", "prior"]) == 2
+    errors = _logged(capsys, "ERROR")
+    assert len(errors) == 1 and "intensity has no calibrated 'prior' score" in errors[0]
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+    with pytest.raises(SystemExit):
+        main(["segment", str(cases["plain"]), "-m", "intensity", "-o", str(out), "--score", "edges"])
 
 
 def test_batch_with_corrupt_file_in_the_middle(cases, tmp_path, capsys):

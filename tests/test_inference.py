@@ -172,13 +172,43 @@ def test_segment_headless_pipeline(volume, model):
     json.dumps(seg.settings)  # provenance must be JSON-serialisable
     assert seg.settings["checkpoint_sha256"] == "abc123" and seg.settings["median_kernel"] == 3
 
-    # no calibration: the paper's 1 %; the intensity baseline takes the same path
+    # no calibration: a robust threshold of this scan's own score (the uncalibrated intensity
+    # baseline takes the same path)
+    from napari_tae.scores import robust_squash
+
     plain = segment(volume, build_model("intensity", img_size=64), None, device="cpu")
-    assert plain.settings["squash"] == 1.0 and plain.settings["squash_source"] == "paper default"
-    np.testing.assert_array_equal(plain.mask, anomaly_mask(plain.normalised, squash=1.0, brain=plain.brain))
+    expected_squash = robust_squash(plain.normalised, plain.brain)
+    assert plain.settings["squash"] == expected_squash and plain.settings["squash_source"] == "per-scan robust"
+    np.testing.assert_array_equal(plain.score, plain.normalised)
+    np.testing.assert_array_equal(plain.mask, anomaly_mask(plain.normalised, squash=expected_squash,
+                                                           brain=plain.brain))
     assert plain.lesions and plain.lesions[0]["volume_ml"] == pytest.approx(plain.lesions[0]["voxels"] / 1000)
-    user = segment(volume, build_model("intensity", img_size=64), meta, squash=50.0, device="cpu")
-    assert user.settings["squash"] == 50.0 and user.mask.sum() < plain.mask.sum()
+    user = segment(volume, build_model("intensity", img_size=64), meta, squash=0.5 * expected_squash,
+                   device="cpu")
+    assert user.settings["squash_source"] == "user" and user.mask.sum() > plain.mask.sum()
+
+
+def test_segment_with_fused_and_prior_scores(volume, model):
+    from napari_tae.scores import anomaly_score
+
+    meta = SimpleNamespace(
+        model_name="b_tae", sha256="abc123", calibration={"p99": 3.5, "default": 3.5},
+        preprocessing={"normalisation": "per_volume", "upper_percentile": 99.0},
+        scores={"default": "fused", "fused": {"weight": 0.5}, "prior": {"threshold": 0.4},
+                "table": [{"score": "fused", "kernel": 3, "mode": "2d", "p99": 60.0, "p99.5": 70.0, "p99.9": 80.0}]})
+    fused = segment(volume, model, meta, kernel=3, device="cpu")  # the checkpoint's default score
+    x, r, brain = fused.normalised, fused.residual, fused.brain
+    np.testing.assert_array_equal(fused.score, anomaly_score("fused", x, r, brain, weight=0.5))
+    np.testing.assert_allclose(fused.score[brain], (x + 0.5 * r)[brain], rtol=1e-6)
+    assert fused.settings["score"] == "fused" and fused.settings["score_params"] == {"name": "fused", "weight": 0.5}
+    assert (fused.settings["squash"], fused.settings["squash_source"]) == (60.0, "calibrated")
+    np.testing.assert_array_equal(fused.mask, anomaly_mask(fused.score, kernel=3, squash=60.0, brain=brain))
+    # the prior: the residual where the FLAIR is above 0.4; no calibrated value -> per scan
+    prior = segment(volume, model, meta, kernel=3, score="prior", device="cpu")
+    np.testing.assert_array_equal(prior.score, np.where(brain & (x > 0.4), r, 0).astype(np.float32))
+    assert prior.settings["squash_source"] == "per-scan robust"
+    with pytest.raises(ValueError, match="no calibrated 'fused' score"):
+        segment(volume, model, SimpleNamespace(model_name="b_tae", calibration={}), score="fused", device="cpu")
 
 
 def _availability(monkeypatch, cuda: bool, mps: bool, count: int = 1) -> None:

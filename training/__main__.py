@@ -1,4 +1,4 @@
-"""``python -m training {train,evaluate,synth} ...``: one entry point, one sub-command per module."""
+"""``python -m training {train,evaluate,synth,calibrate} ...``: one entry point, one sub-command per module."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ _COMMANDS = {
     "train": "training.train",
     "evaluate": "training.evaluate",
     "synth": "training.synth",
+    "calibrate": "training.calibrate",
 }
-_USAGE = ("usage: python -m training {train,evaluate,synth} [-h] ...\n"
+_USAGE = ("usage: python -m training {train,evaluate,synth,calibrate} [-h] ...\n"
           "  train     train a model on healthy FLAIR volumes (writes a calibrated .safetensors)\n"
           "  evaluate  score a checkpoint (or --model intensity) on labelled test volumes\n"
-          "  synth     write a synthetic dataset (healthy train/val, anomalous test with labels)\n")
+          "  synth     write a synthetic dataset (healthy train/val, anomalous test with labels)\n"
+          "  calibrate recalibrate a checkpoint's scores and thresholds (or the intensity baseline's)\n")
 
 
 def main(argv: list[str] | None = None) -> int:

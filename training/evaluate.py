@@ -7,9 +7,10 @@ and the anomaly score is accumulated into fixed-bin histograms
 (:class:`training.metrics.BinnedScores`), volume by volume, so memory does not grow with the
 number of test voxels. Reported: pooled AUROC/AUPRC within the brain, [DSC] (best global
 threshold: an upper bound, it uses the labels) with per-volume Dice at that threshold, Dice at the
-checkpoint's calibrated label-free threshold with its false-positive rate on healthy volumes, SSIM
-of reconstructions, and the paper-compatible variants (all-pixel AUROC/AUPRC, per-slice smoothed
-Dice at the paper's S_1%).
+checkpoint's calibrated label-free threshold (per scan without one, see docs/scores.md) with its
+false-positive rate on healthy volumes, SSIM of reconstructions, and the paper-compatible variants
+(all-pixel AUROC/AUPRC, per-slice smoothed Dice at the paper's S_1%). The score is the residual,
+or the fused / prior score of :mod:`napari_tae.scores` (``--score``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from napari_tae._atomic import write_text_atomic
 from napari_tae.export import jsonable
 from napari_tae.io import error_line, nifti_stem
 from napari_tae.options import MEDIAN_MODES, check_median_kernel
+from napari_tae.scores import SCORES, ScoreSpec, label_free_squash, score_spec
 from training.data import InputError, pair_by_name, resolve_volumes
 from training.metrics import (BinnedScores, dice_at_threshold, false_positive_counts, mean_std, slice_dice_smoothed,
                               ssim_slices)
@@ -60,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("pipeline")
     group.add_argument("--median-kernel", type=int, default=5, help="odd median window, 1 = off (default 5)")
     group.add_argument("--median-mode", choices=MEDIAN_MODES, default="2d")
+    group.add_argument("--score", choices=SCORES, help="anomaly score (default: the checkpoint's)")
     group.add_argument("--squash", type=float,
-                       help="label-free threshold in percent (default: the checkpoint's calibrated one, else 1)")
+                       help="label-free threshold in percent (default: the checkpoint's calibrated one, "
+                       "else a robust per-scan one)")
     group.add_argument("--bins", type=int, default=100_000, help="score histogram bins on [0, 1]")
     group.add_argument("--device", default="auto")
     group.add_argument("--batch-size", type=int, default=8)
@@ -106,7 +110,8 @@ def check_inputs(args: argparse.Namespace) -> EvalInputs:
 
 
 def load_model(args: argparse.Namespace):
-    """(model, meta, name): the checkpoint's model, or a parameter-free baseline without meta."""
+    """(model, meta, name): the checkpoint's model, or a parameter-free baseline (the intensity
+    baseline with its bundled calibration)."""
     if args.checkpoint:
         from napari_tae.checkpoint import CheckpointError, load_checkpoint
 
@@ -121,6 +126,11 @@ def load_model(args: argparse.Namespace):
 
     if args.model not in list_models():
         raise InputError(f"--model {args.model}: unknown; known models: {', '.join(list_models())}")
+    if args.model == "intensity":
+        from napari_tae.checkpoint import load_model as load_named
+
+        model, meta = load_named("intensity")
+        return model, meta, args.model
     model = build_model(args.model)
     if any(True for _ in model.parameters()):
         raise InputError(f"--model {args.model}: has trainable weights; evaluate a trained one "
@@ -142,23 +152,38 @@ def _load(path: Path, shape: tuple[int, ...] | None = None, what: str = "volume"
 
 
 class _Scorer:
-    """The shared pipeline for one model: volume -> (median-filtered score, reconstruction, brain)."""
+    """The shared pipeline for one model: volume -> (median-filtered score, raw score, reconstruction).
 
-    def __init__(self, model, meta, *, kernel: int, mode: str, device: str, batch_size: int):
-        self.model, self.meta = model, meta
+    ``cache`` (a dict, optional) keeps reconstructions by path, so that several scores of one model
+    are evaluated with one forward pass per volume; pass a fresh dict per model.
+    """
+
+    def __init__(self, model, meta, *, kernel: int, mode: str, device: str, batch_size: int,
+                 spec: ScoreSpec, cache: dict | None = None):
+        self.model, self.meta, self.spec, self.cache = model, meta, spec, cache
         self.kernel, self.mode, self.device, self.batch_size = kernel, mode, device, batch_size
 
     def __call__(self, data: np.ndarray, supplied_brain: np.ndarray | None, path: Path):
         from napari_tae.inference import reconstruct
         from napari_tae.postprocess import median_filtered
 
-        try:  # the brain mask and normalisation refuse volumes they cannot handle
-            rec = reconstruct(self.model, data, brain=supplied_brain, meta=self.meta,
-                              device=self.device, batch_size=self.batch_size)
-        except ValueError as exc:
-            raise InputError(f"{path}: {exc}") from None
-        score = median_filtered(rec.residual, self.kernel, self.mode)
-        return score, rec
+        rec = self.cache.get(path) if self.cache is not None else None
+        if rec is None:
+            try:  # the brain mask and normalisation refuse volumes they cannot handle
+                rec = reconstruct(self.model, data, brain=supplied_brain, meta=self.meta,
+                                  device=self.device, batch_size=self.batch_size)
+            except ValueError as exc:
+                raise InputError(f"{path}: {exc}") from None
+            if self.cache is not None:
+                self.cache[path] = rec
+        raw = self.spec.compute(rec.normalised, rec.residual, rec.brain)
+        return median_filtered(raw, self.kernel, self.mode), raw, rec
+
+    def squash(self, fixed: float | None, raw: np.ndarray, brain: np.ndarray) -> tuple[float, str]:
+        """The label-free threshold for this volume, as ``inference.segment`` picks it."""
+        if fixed is not None:
+            return float(fixed), "command line"
+        return label_free_squash(self.meta, self.spec.name, self.kernel, self.mode, raw, brain)
 
 
 def _summary(values) -> dict[str, float]:
@@ -168,20 +193,21 @@ def _summary(values) -> dict[str, float]:
 
 def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2d",
              squash: float | None = None, n_bins: int = 100_000, device: str = "auto",
-             batch_size: int = 8) -> dict[str, Any]:
-    """Run the protocol volume by volume; returns the results as a JSON-ready dict."""
-    from napari_tae.inference import default_squash
+             batch_size: int = 8, score: str | None = None, cache: dict | None = None) -> dict[str, Any]:
+    """Run the protocol volume by volume; returns the results as a JSON-ready dict.
 
-    if squash is None:
-        squash, squash_source = default_squash(meta)
-    else:
-        squash_source = "command line"
-    threshold = squash / 100.0
-    score_volume = _Scorer(model, meta, kernel=kernel, mode=mode, device=device, batch_size=batch_size)
+    ``score``: the checkpoint's default when None; ``cache``: see :class:`_Scorer`.
+    """
+    try:
+        spec = score_spec(meta, score)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    score_volume = _Scorer(model, meta, kernel=kernel, mode=mode, device=device, batch_size=batch_size,
+                           spec=spec, cache=cache)
     t0 = time.perf_counter()
 
-    brain_acc = BinnedScores(n_bins)
-    all_acc = BinnedScores(n_bins)
+    brain_acc = BinnedScores(n_bins, spec.upper)
+    all_acc = BinnedScores(n_bins, spec.upper)
     kind_acc: dict[int, BinnedScores] = {}
     per_volume: list[dict[str, Any]] = []
     # per-volume histograms (int32) give each volume's Dice at the global [DSC] threshold found at
@@ -190,20 +216,28 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
     slice_dice_paper: list[np.ndarray] = []
     lesion_free_ssim: list[np.ndarray] = []
     fp_test = [0, 0]
+    overlap = [0, 0]  # pooled label-free Dice: 2 TP and |prediction| + |truth| over all volumes
+    squashes: list[tuple[float, str]] = []
     labels_outside_brain = 0
     for i, (img, lab, msk, knd) in enumerate(zip(inputs.images, inputs.labels, inputs.masks, inputs.kinds)):
         data = _load(img)
         label = _load(lab, data.shape, "label") > 0
         supplied = _load(msk, data.shape, "brain mask") if msk is not None else None
-        score, rec = score_volume(data, supplied, img)
+        score, raw, rec = score_volume(data, supplied, img)
         brain = np.asarray(rec.brain, bool)
+        volume_squash, squash_source = score_volume.squash(squash, raw, brain)
+        squashes.append((volume_squash, squash_source))
+        threshold = volume_squash / 100.0
         labels_outside_brain += int(np.count_nonzero(label & ~brain))
-        vol_acc = BinnedScores(n_bins).update(score, label, brain)
+        vol_acc = BinnedScores(n_bins, spec.upper).update(score, label, brain)
         brain_acc += vol_acc
         all_acc.update(score, label)
         volume_hists.append((vol_acc.pos.astype(np.int32), vol_acc.neg.astype(np.int32)))
         lesion_in_brain = label & brain
         fp_test = [a + b for a, b in zip(fp_test, false_positive_counts(score, threshold, brain & ~label))]
+        flagged, brain_voxels = false_positive_counts(score, threshold, brain)
+        hits, lesion_voxels = false_positive_counts(score, threshold, lesion_in_brain)
+        overlap = [overlap[0] + 2 * hits, overlap[1] + flagged + lesion_voxels]
         slice_dice_paper.append(slice_dice_smoothed((score > PAPER_SQUASH / 100.0) & brain, label))
         lesion_free = ~label.reshape(label.shape[0], -1).any(1) & brain.reshape(brain.shape[0], -1).any(1)
         if lesion_free.any():
@@ -211,16 +245,17 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
         if knd is not None:
             kind_map = np.rint(_load(knd, data.shape, "kinds map")).astype(np.int64)
             for k in np.unique(kind_map[kind_map > 0]):
-                acc = kind_acc.setdefault(int(k), BinnedScores(n_bins))
+                acc = kind_acc.setdefault(int(k), BinnedScores(n_bins, spec.upper))
                 acc.update(score, kind_map == k, brain & ((kind_map == k) | ~label))
         per_volume.append({
             "name": nifti_stem(img), "lesion_voxels": int(np.count_nonzero(lesion_in_brain)),
             "auroc": vol_acc.auroc(), "auprc": vol_acc.average_precision(),
             "dice_calibrated": dice_at_threshold(score, label, threshold, brain),
+            "squash_percent": volume_squash, "flagged_brain_fraction": flagged / max(brain_voxels, 1),
         })
         _logger.info("[%d/%d] %s: AUPRC %.4f, Dice@%.2f%% %.4f", i + 1, len(inputs.images), img.name,
-                     per_volume[-1]["auprc"], squash, per_volume[-1]["dice_calibrated"])
-        del data, label, score, rec
+                     per_volume[-1]["auprc"], volume_squash, per_volume[-1]["dice_calibrated"])
+        del data, label, score, raw, rec
 
     best_dice, best_threshold = brain_acc.best_dice()
     if math.isfinite(best_threshold):
@@ -236,11 +271,18 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
     fp_healthy = [0, 0]
     for path in inputs.healthy:
         data = _load(path)
-        score, rec = score_volume(data, None, path)
+        score, raw, rec = score_volume(data, None, path)
         brain = np.asarray(rec.brain, bool)
-        fp_healthy = [a + b for a, b in zip(fp_healthy, false_positive_counts(score, threshold, brain))]
+        volume_squash, squash_source = score_volume.squash(squash, raw, brain)
+        squashes.append((volume_squash, squash_source))
+        fp_healthy = [a + b for a, b in zip(fp_healthy, false_positive_counts(score, volume_squash / 100.0, brain))]
         healthy_ssim.append(ssim_slices(rec.normalised, rec.reconstruction))
-        del data, score, rec
+        del data, score, raw, rec
+
+    # one threshold for all volumes when calibrated (or given); per-scan ones vary
+    values = {v for v, _ in squashes}
+    squash_percent = values.pop() if len(values) == 1 else float("nan")
+    squash_source = squashes[0][1] if squashes else "none"
 
     def _pooled_mean(chunks: list[np.ndarray]) -> float:
         values = np.concatenate(chunks) if chunks else np.zeros(0)
@@ -259,8 +301,9 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
             "note": "best global threshold chosen with the test labels: an upper bound",
         },
         "calibrated": {
-            "squash_percent": squash, "source": squash_source,
+            "squash_percent": squash_percent, "source": squash_source,
             "per_volume_dice": _summary(v["dice_calibrated"] for v in per_volume),
+            "dice_pooled": overlap[0] / overlap[1] if overlap[1] else float("nan"),
             "fpr_healthy": fp_healthy[0] / fp_healthy[1] if fp_healthy[1] else float("nan"),
             "fpr_test_lesion_free_brain": fp_test[0] / fp_test[1] if fp_test[1] else float("nan"),
         },
@@ -274,7 +317,8 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
         },
         "per_volume": per_volume,
         "settings": {"median_kernel": kernel, "median_mode": mode, "bins": n_bins,
-                     "score": "median-filtered positive residual", "grid": "native voxels"},
+                     "score": spec.to_dict(), "score_filter": "median, as the mask",
+                     "grid": "native voxels"},
         "seconds": time.perf_counter() - t0,
     }
     if kind_acc:
@@ -307,6 +351,7 @@ def format_markdown(results: dict[str, Any], title: str) -> str:
         ("AUPRC (brain voxels, pooled)", _fmt(b["auprc"])),
         (f"[DSC] upper bound (threshold {_fmt(d['threshold_percent'], 2)} %)", _fmt(d["dice"])),
         ("Dice per volume at [DSC] threshold", _pm(d["per_volume_dice"])),
+        (f"Dice pooled at the label-free threshold ({c['source']})", _fmt(c["dice_pooled"])),
         (f"Dice per volume at calibrated {_fmt(c['squash_percent'], 2)} % ({c['source']})",
          _pm(c["per_volume_dice"])),
         ("FPR of that threshold, healthy volumes", _fmt(c["fpr_healthy"])),
@@ -319,7 +364,8 @@ def format_markdown(results: dict[str, Any], title: str) -> str:
     ]
     lines = [f"## {title}", "",
              f"{results['n_volumes']} test volume(s), {results['n_healthy_volumes']} healthy; "
-             f"median kernel {results['settings']['median_kernel']} ({results['settings']['median_mode']}).",
+             f"median kernel {results['settings']['median_kernel']} ({results['settings']['median_mode']}); "
+             f"score {results['settings']['score']['name']}.",
              "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     if results.get("per_kind"):
@@ -345,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--device {args.device}: {error_line(exc)}") from None
         results = evaluate(model, meta, inputs, kernel=args.median_kernel, mode=args.median_mode,
                            squash=args.squash, n_bins=args.bins, device=device,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, score=args.score)
     except InputError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     results = {"model": name, "checkpoint": args.checkpoint, **results}

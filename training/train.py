@@ -7,8 +7,9 @@ batch 12, 50 epochs, MAE loss (+ the model's own extra terms, e.g. KL for ``vae`
 ``train.py`` (``main`` / ``train_one_epoch`` / ``validate``) and nanoGPT's (DDP via ``torchrun``,
 rank 0 writes, unwrapped model saved, no-op AMP context off CUDA).
 
-After training the best model is calibrated on the healthy validation volumes (residual
-percentiles through the shared post-processing) and written with
+After training the best model is calibrated on the healthy validation volumes (score parameters
+and the calibration table per score, median kernel and mode, :mod:`training.calibrate`) and
+written with
 :func:`napari_tae.checkpoint.save_checkpoint`; the resume state (optimizer, epoch, RNG, best model)
 is a separate ``<out>.resume.pt`` written atomically after each epoch.
 """
@@ -36,7 +37,8 @@ from torch import nn
 from napari_tae._atomic import atomic_path
 from napari_tae.io import error_line
 from napari_tae.options import MEDIAN_MODES, check_median_kernel
-from training.data import (InputError, SliceDataset, collate_batch, fit_volume_norm, iter_batches,
+from napari_tae.scores import SCORES
+from training.data import (InputError, SliceDataset, collate_batch, iter_batches,
                            load_slices, norm_settings, pair_by_name, resolve_volumes, split_by_volume)
 
 __all__ = [
@@ -47,7 +49,6 @@ __all__ = [
     "run_training",
     "train_one_epoch",
     "validate",
-    "calibrate_model",
     "resume_path_for",
 ]
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="steps between loss checks / progress updates")
     group.add_argument("--calib-kernel", type=int, default=5, help="median kernel for calibration")
     group.add_argument("--calib-mode", choices=MEDIAN_MODES, default="2d")
+    group.add_argument("--default-score", choices=SCORES, default="residual",
+                       help="score the checkpoint offers first (docs/scores.md)")
     return parser
 
 
@@ -494,39 +497,6 @@ def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, runtim
 
 
 # --------------------------------------------------------------------------------------------
-# Calibration
-
-
-def calibrate_model(model: nn.Module, volumes: list[Path], *, lesion_masks: list[Path | None] | None = None,
-                    device: torch.device | str = "cpu", kernel: int = 5, mode: str = "2d",
-                    norm: dict[str, float] | None = None, batch_size: int = 8) -> dict[str, float]:
-    """Residual percentiles on healthy volumes through the shared pipeline (percent units).
-
-    Each volume is normalised the way the plugin normalises it from the checkpoint (per volume,
-    with ``norm``'s percentiles). Lesion voxels (when masks are given) are left out of the brain so
-    they do not inflate the thresholds.
-    """
-    import numpy as np
-
-    from napari_tae.inference import reconstruct
-    from napari_tae.io import load_mask, load_volume
-    from napari_tae.postprocess import calibrate
-
-    residuals, brains = [], []
-    lesion_masks = lesion_masks or [None] * len(volumes)
-    for path, lesion_path in zip(volumes, lesion_masks):
-        data = load_volume(path).data
-        brain, volume_norm = fit_volume_norm(data, norm or norm_settings())
-        rec = reconstruct(model, data, brain=brain, norm=volume_norm, device=device, batch_size=batch_size)
-        brain = np.asarray(rec.brain, bool)
-        if lesion_path is not None:
-            brain = brain & ~(load_mask(lesion_path).data > 0)
-        residuals.append(rec.residual)
-        brains.append(brain)
-    return {k: float(v) for k, v in calibrate(residuals, brains, kernel=kernel, mode=mode).items()}
-
-
-# --------------------------------------------------------------------------------------------
 # Resume state
 
 
@@ -845,17 +815,20 @@ def _ship_best(model: nn.Module, state: TrainingState, dist_info: DistInfo) -> N
 def _save_calibrated(args: argparse.Namespace, model: nn.Module, inputs: _Inputs, state: TrainingState,
                      norm: dict[str, float], datasets: tuple[SliceDataset, SliceDataset],
                      runtime: Runtime, noise: NoiseConfig) -> None:
-    """Calibrate the label-free threshold on the healthy validation volumes and save the checkpoint."""
+    """Calibrate the scores and label-free thresholds on the healthy validation volumes
+    (:func:`training.calibrate.calibrate_detector`) and save the checkpoint."""
     from napari_tae.checkpoint import save_checkpoint
+    from training.calibrate import calibrate_detector
 
     train_set, val_set = datasets
     _logger.info("calibrating on %d healthy validation volume(s)", len(inputs.val))
-    calibration = calibrate_model(model, inputs.val, lesion_masks=inputs.val_lesions, device=runtime.device,
-                                  kernel=args.calib_kernel, mode=args.calib_mode, norm=norm,
-                                  batch_size=args.batch_size)
     preprocessing = {"normalisation": "per_volume", **norm, "img_size": int(model.img_size),
                      "slice_axis": "axial", "brain_mask": "non_background",
                      "min_brain_fraction": args.min_brain_fraction}
+    calibration, scores = calibrate_detector(
+        model, inputs.val, preprocessing=preprocessing, lesion_masks=inputs.val_lesions,
+        default_score=args.default_score, calibration_kernel=args.calib_kernel,
+        calibration_mode=args.calib_mode, seed=args.seed, device=runtime.device, batch_size=args.batch_size)
     history = state.history
     training = {
         "epochs": len(history), "best_epoch": state.best_epoch + 1, "best_val_loss": state.best_val,
@@ -876,7 +849,7 @@ def _save_calibrated(args: argparse.Namespace, model: nn.Module, inputs: _Inputs
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model, preprocessing=preprocessing, calibration=calibration,
-                    training=training, overwrite=args.overwrite)
+                    training=training, scores=scores, overwrite=args.overwrite)
     _logger.info("saved %s (best epoch %d, val %.5f, calibrated q99 = %.3f %%)", out,
                  state.best_epoch + 1, state.best_val, calibration.get("p99", float("nan")))
 

@@ -129,6 +129,10 @@ def result_style(kind: str, *, squash: float, data: np.ndarray) -> dict[str, Any
     if kind == "residual":
         return {"colormap": "inferno", "blending": "additive", "opacity": RESIDUAL_OPACITY,
                 "contrast_limits": residual_limits(data, squash)}
+    if kind == "score":  # what the mask thresholds (napari_tae.scores): hidden, shown on demand
+        low, high = contrast_limits(data)
+        return {"colormap": "inferno", "visible": False,
+                "contrast_limits": (low, high if high > low else low + 1.0)}
     if kind == "reconstruction":
         low, high = contrast_limits(data)
         return {"colormap": "gray", "visible": False,

@@ -105,7 +105,14 @@ class ModelChooser:
     def _load_meta(self) -> None:
         spec = self.spec
         self.meta = None
-        if spec not in ("intensity", BROWSE, None):
+        if spec == "intensity":  # its bundled calibration (metadata without weights)
+            from napari_tae.checkpoint import intensity_metadata
+
+            try:
+                self.meta = intensity_metadata()
+            except Exception as exc:  # noqa: BLE001 (an altered installation: uncalibrated, said so)
+                self._on_error(f"Intensity baseline uncalibrated: {error_line(exc)}")
+        elif spec not in (BROWSE, None):
             from napari_tae.checkpoint import read_metadata, resolve_checkpoint
 
             try:

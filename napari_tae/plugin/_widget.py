@@ -62,8 +62,6 @@ SOURCE_KEY = "napari_tae_source"     # layer.metadata: name of the input layer i
 #: The re-run dialog's choices for a mask with manual edits (``QMessageBox`` standard buttons).
 REPLACE, KEEP_EDITS, CANCEL = (QMessageBox.StandardButton.Discard, QMessageBox.StandardButton.Save,
                                QMessageBox.StandardButton.Cancel)
-#: Squash slider range in percent of the intensity range; widened when a checkpoint calibrates higher.
-SQUASH_MAX = 20.0
 _KINDS = ("reconstruction", "residual", "anomaly mask")
 #: Brush strokes come as many paint events: the volume update waits this long after the last.
 PAINT_DEBOUNCE_MS = 150
@@ -156,9 +154,10 @@ class AnomalyWidget(QWidget):
         self.status = QLabel()
         self.status.setWordWrap(True)
 
+        self.score_combo = QComboBox()  # filled with the model's scores (napari_tae.scores)
         self.kernel_spin = QSpinBox(minimum=1, maximum=15, singleStep=2, value=s.kernel)
         self.squash_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.squash_slider.setRange(0.0, SQUASH_MAX)
+        self.squash_slider.setRange(0.0, 100.0)  # set_squash sets the model's range
         self.squash_slider.setDecimals(2)
         self.squash_slider.setValue(1.0)
         self.reset_button = QPushButton("Reset to calibrated")
@@ -193,6 +192,7 @@ class AnomalyWidget(QWidget):
 
         post_box = QGroupBox("Post-processing (live)")
         pform = QFormLayout(post_box)
+        pform.addRow("Score", self.score_combo)
         pform.addRow("Median kernel", self.kernel_spin)
         pform.addRow("Squash (%)", self.squash_slider)
         pform.addRow(self.reset_button)
@@ -237,22 +237,24 @@ class AnomalyWidget(QWidget):
         layout.addWidget(splitter)
 
         self.models = ModelChooser(self.model_combo, self.settings, on_error=self._error,
-                                   on_change=self.reset_squash, save=save_preferences)
+                                   on_change=self._on_model_selected, save=save_preferences)
         self.device_combo.currentTextChanged.connect(self._on_device_changed)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.reset_button.clicked.connect(self.reset_squash)
-        self.kernel_spin.valueChanged.connect(self._on_post_changed)
+        # the calibrated squash depends on the score, kernel and mode: changing one moves to it
+        self.score_combo.currentIndexChanged.connect(self._on_calibration_key_changed)
+        self.kernel_spin.valueChanged.connect(self._on_calibration_key_changed)
         self.squash_slider.valueChanged.connect(self._on_post_changed)
         self.min_size_spin.valueChanged.connect(self._on_post_changed)
         self.min_unit_combo.currentTextChanged.connect(self._on_post_changed)
-        self.mode_check.toggled.connect(self._on_post_changed)
+        self.mode_check.toggled.connect(self._on_calibration_key_changed)
         self.table.clicked.connect(lambda index: self.go_to_lesion(index.row()))
         self.side_button.toggled.connect(self.show_side_by_side)
         self.export_button.clicked.connect(self._export_clicked)
         self._on_device_changed(self.device_combo.currentText())
-        self.reset_squash()
+        self._on_model_selected()
 
     def _viewer_connections(self) -> list[tuple[Any, Any]]:
         """(event emitter, callback) pairs the widget keeps on the viewer and its layers."""
@@ -313,15 +315,50 @@ class AnomalyWidget(QWidget):
         """Validate a whole checkpoint file and select it; on failure show why, change nothing."""
         return self.models.load_file(path)
 
-    def reset_squash(self) -> None:
-        """Squash back to the checkpoint's calibrated default (1 % without calibration)."""
-        from napari_tae.inference import default_squash
+    def _on_model_selected(self) -> None:
+        """The selected model's scores (its default one selected), then its calibrated squash."""
+        from napari_tae.scores import available_scores, default_score
 
-        self.set_squash(default_squash(self.models.meta)[0])
+        meta = self.models.meta
+        self.score_combo.blockSignals(True)
+        self.score_combo.clear()
+        self.score_combo.addItems(available_scores(meta))
+        self.score_combo.setCurrentText(default_score(meta))
+        self.score_combo.blockSignals(False)
+        self.reset_squash()
+
+    def _state_of_model(self) -> ReviewState | None:
+        """The shown result when it comes from the selected model (its score volume is known)."""
+        state = self._active
+        return state if state is not None and state.checkpoint == str(self.checkpoint_spec()) else None
+
+    def reset_squash(self) -> None:
+        """Squash to the model's calibrated value for the score, kernel and mode; without one, a
+        per-scan robust value once a result is shown (else the paper's 1 %)."""
+        from napari_tae.scores import label_free_squash
+
+        post = self.post_settings()
+        state = self._state_of_model()
+        try:
+            if state is not None:
+                squash, _ = state.label_free_squash(post)
+            else:
+                squash, _ = label_free_squash(self.models.meta, post.score, post.kernel, post.mode)
+        except ValueError as exc:
+            self._error(str(exc))
+            return
+        self.set_squash(squash)
 
     def set_squash(self, squash: float) -> None:
-        """Set the squash slider, widening its range so a value above 20 % is not clamped."""
-        top = max(SQUASH_MAX, float(np.ceil(1.5 * squash)))
+        """Set the squash slider; its range is the score's (:func:`napari_tae.scores.squash_limit`),
+        widened so that a larger value is never clamped."""
+        from napari_tae.scores import ScoreSpec, score_spec, squash_limit
+
+        try:
+            spec = score_spec(self.models.meta, self.post_settings().score)
+        except ValueError:
+            spec = ScoreSpec()
+        top = max(squash_limit(self.models.meta, spec), float(np.ceil(1.5 * squash)))
         if self.squash_slider.maximum() != top:
             self.squash_slider.setRange(0.0, top)
         self.squash_slider.setValue(squash)
@@ -468,6 +505,7 @@ class AnomalyWidget(QWidget):
             geometry=layer.metadata.get(GEOMETRY_KEY),
             checkpoint=str(spec), meta=meta, device=device,
             norm=rec.norm.to_dict() if hasattr(rec.norm, "to_dict") else {},
+            normalised=rec.normalised,
         )
         if keep is not None:
             state.edits = keep
@@ -475,13 +513,21 @@ class AnomalyWidget(QWidget):
         if old is not None:
             old.generation.invalidate()
             state.layers = old.layers  # the same layers show the new result
-        labels = state.accept(state.compute(self.post_settings()))
+        from napari_tae.scores import available_scores, calibrated_squash
+
+        if self.post_settings().score not in available_scores(meta):  # the model changed meanwhile
+            self._on_model_selected()
+        post = self.post_settings()
+        labels = state.accept(state.compute(post))
         self._states[layer] = state
         self._active = state
         self._set_result(state, "reconstruction", rec.reconstruction, layer)
         self._set_result(state, "residual", rec.residual, layer)
+        self._set_result(state, "score", state.score(post.score), layer)
         self._set_result(state, "anomaly mask", labels, layer)
         self._show_lesions(state)
+        if calibrated_squash(meta, post.score, post.kernel, post.mode) is None:
+            self.reset_squash()  # no calibrated value: the per-scan one, now that the score exists
         self._info(f"Done on {device}: {len(state.lesions)} lesion(s) in '{layer.name}'.")
 
     # ----------------------------------------------------------------------------- layers
@@ -574,6 +620,7 @@ class AnomalyWidget(QWidget):
     def post_settings(self) -> PostSettings:
         kernel = int(self.kernel_spin.value())
         return PostSettings(
+            score=self.score_combo.currentText() or "residual",
             kernel=kernel if kernel % 2 else kernel + 1,  # typed even values round up to odd
             squash=float(self.squash_slider.value()),
             mode="3d" if self.mode_check.isChecked() else "2d",
@@ -583,9 +630,11 @@ class AnomalyWidget(QWidget):
 
     def _show_post(self, post: PostSettings) -> None:
         widgets = (self.kernel_spin, self.squash_slider, self.min_size_spin, self.min_unit_combo,
-                   self.mode_check)
+                   self.mode_check, self.score_combo)
         for w in widgets:
             w.blockSignals(True)
+        if self.score_combo.findText(post.score) >= 0:
+            self.score_combo.setCurrentText(post.score)
         self.kernel_spin.setValue(post.kernel)
         self.set_squash(post.squash)
         self.min_size_spin.setValue(post.min_size)
@@ -600,6 +649,19 @@ class AnomalyWidget(QWidget):
         z = int(round(float(layer.world_to_data(self.viewer.dims.point)[0])))
         return z if 0 <= z < layer.data.shape[0] else None
 
+    def _on_calibration_key_changed(self, *_: Any) -> None:
+        """Score, kernel or mode changed: show that score and move to its calibrated squash."""
+        state = self._state_of_model()
+        if state is not None and self.result_layer(state, "score") is not None:
+            try:
+                values = state.score(self.post_settings().score)
+            except ValueError as exc:
+                self._error(str(exc))
+                return
+            _replace_data(self.result_layer(state, "score"), values)
+        self.reset_squash()  # emits a post update when the value changes
+        self._on_post_changed()
+
     def _on_post_changed(self, *_: Any) -> None:
         """Visible slice now, whole volume after a short debounce."""
         post = self.post_settings()
@@ -613,7 +675,11 @@ class AnomalyWidget(QWidget):
         z = self._current_index(layer) if layer is not None else None
         if z is not None:
             state.record_edits(layer.data, index=z)
-            layer.data[z] = state.preview_slice(z, post, current=layer.data[z])
+            try:
+                layer.data[z] = state.preview_slice(z, post, current=layer.data[z])
+            except ValueError as exc:  # a score the shown result's model does not offer
+                self._error(str(exc))
+                return
             # the slice only: the extent is unchanged, the thumbnail follows with the volume
             layer.refresh(thumbnail=False, extent=False, highlight=False)
         state.generation.next()  # a volume update already running is now stale
@@ -647,8 +713,14 @@ class AnomalyWidget(QWidget):
         tag = state.generation.next()
         if layer is not None:
             state.record_edits(layer.data)
-        job = partial(compute_mask, state.residual, self.post_settings(), spacing=state.spacing,
-                      origin=state.origin, brain=state.brain, edits=state.edits.snapshot())
+        post = self.post_settings()
+        try:
+            score = state.score(post.score)
+        except ValueError as exc:  # a score the shown result's model does not offer
+            self._error(str(exc))
+            return
+        job = partial(compute_mask, state.residual, post, spacing=state.spacing,
+                      origin=state.origin, brain=state.brain, edits=state.edits.snapshot(), score=score)
         worker = start_task(
             job, synchronous=self.synchronous, on_return=partial(self._apply_mask, state, tag),
             on_error=lambda exc: self._error(f"Post-processing failed: {error_line(exc)}"),

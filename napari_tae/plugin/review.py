@@ -37,6 +37,7 @@ from napari_tae.postprocess import (
     ml_to_voxels,
     slice_mask,
 )
+from napari_tae.scores import label_free_squash, score_spec
 
 __all__ = [
     "EditRecord",
@@ -83,6 +84,7 @@ class PostSettings:
     mode: str = "2d"           # median window: per slice or 3D
     min_size: float = 0.0      # smallest lesion kept, in ``min_size_unit``
     min_size_unit: str = "voxels"  # "voxels" or "mL"
+    score: str = "residual"    # what the mask thresholds (napari_tae.scores)
 
     def min_voxels(self, spacing: tuple[float, ...]) -> int:
         if self.min_size <= 0:
@@ -200,11 +202,13 @@ def compute_mask(
     brain: np.ndarray | None = None,
     edits: tuple[np.ndarray | None, np.ndarray | None, int] = (None, None, 0),
     auto: np.ndarray | None = None,
+    score: np.ndarray | None = None,
 ) -> MaskResult:
     """Whole-volume mask, components and lesion table (runs in a background worker).
 
     Args:
-        residual: Cached residual (Z, Y, X).
+        residual: Cached residual (Z, Y, X); the lesion table's statistics.
+        score: What the mask thresholds (:meth:`ReviewState.score`); None = the residual.
         post: Post-processing settings.
         spacing, origin: Voxel size and origin in mm (napari order), for mL and centroids.
         brain: Brain mask; nothing outside it is anomalous.
@@ -213,7 +217,7 @@ def compute_mask(
     """
     if auto is None:
         auto = anomaly_mask(
-            residual, kernel=post.kernel, squash=post.squash, mode=post.mode,
+            residual if score is None else score, kernel=post.kernel, squash=post.squash, mode=post.mode,
             min_size=post.min_voxels(spacing), brain=brain,
         )
     added, erased, version = edits
@@ -250,9 +254,30 @@ class ReviewState:
     layers: dict[str, Any] = field(default_factory=dict)  # viewer layers showing it, by kind
     edits: EditRecord = field(init=False)
     generation: Generation = field(default_factory=Generation)  # post-processing results
+    normalised: np.ndarray | None = None  # the normalised input, for the fused and prior scores
+    _scores: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.edits = EditRecord(self.residual.shape)
+
+    def score(self, name: str) -> np.ndarray:
+        """The score ``name`` with this result's checkpoint parameters (cached; raises ValueError
+        for a score the checkpoint does not offer)."""
+        if name not in self._scores:
+            spec = score_spec(self.meta, name)
+            if spec.name == "residual":
+                self._scores[name] = self.residual
+            elif self.normalised is None:
+                raise ValueError(f"the {name!r} score needs the normalised input, not kept for this result")
+            else:
+                self._scores[name] = spec.compute(self.normalised, self.residual, self.brain)
+        return self._scores[name]
+
+    def label_free_squash(self, post: PostSettings) -> tuple[float, str]:
+        """The calibrated squash for the score and median of ``post``, else a per-scan one."""
+        values = self.score(post.score)
+        brain = self.brain if self.brain is not None else np.ones(values.shape, bool)
+        return label_free_squash(self.meta, post.score, post.kernel, post.mode, values, brain)
 
     def record_edits(self, layer_data: np.ndarray, index: int | None = None) -> int:
         if self.written is None or np.shape(layer_data) != self.written.shape:
@@ -269,7 +294,7 @@ class ReviewState:
         """Synchronous whole-volume update (background workers call :func:`compute_mask`)."""
         return compute_mask(
             self.residual, post, spacing=self.spacing, origin=self.origin, brain=self.brain,
-            edits=self.edits.snapshot(),
+            edits=self.edits.snapshot(), score=self.score(post.score),
         )
 
     def finish(self, result: MaskResult) -> MaskResult:
@@ -297,7 +322,7 @@ class ReviewState:
         lesion ids do not flicker; new ones get label 1 until the whole-volume pass relabels them.
         """
         auto = slice_mask(
-            self.residual, kernel=post.kernel, squash=post.squash, mode=post.mode, index=index,
+            self.score(post.score), kernel=post.kernel, squash=post.squash, mode=post.mode, index=index,
             brain=self.brain,
         )
         merged = self.edits.apply(auto, index)
@@ -339,6 +364,8 @@ def plugin_settings(state: ReviewState) -> dict[str, Any]:
         "median_kernel": post.kernel,
         "median_mode": post.mode,
         "squash": post.squash,
+        "score": post.score,
+        "score_params": score_spec(state.meta, post.score).to_dict(),
         "min_size": post.min_voxels(state.spacing),
         "min_size_requested": {"value": post.min_size, "unit": post.min_size_unit},
         "device": state.device,
