@@ -57,7 +57,8 @@ def detectors() -> list[tuple[str, str, str | None]]:
     rows = []
     _, meta = load_model(DEFAULT_CHECKPOINT)
     rows.append((f"{DEFAULT_CHECKPOINT} (default: {default_score(meta)})", DEFAULT_CHECKPOINT, None))
-    rows += [(f"{DEFAULT_CHECKPOINT} {s}", DEFAULT_CHECKPOINT, s) for s in available_scores(meta)]
+    rows += [(f"{DEFAULT_CHECKPOINT} {s}", DEFAULT_CHECKPOINT, s) for s in available_scores(meta)
+             if s != default_score(meta)]
     rows += [(name, name, None) for name in sorted(bundled_checkpoints()) if name != DEFAULT_CHECKPOINT]
     rows.append(("intensity", "intensity", None))
     return rows

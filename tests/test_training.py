@@ -108,6 +108,18 @@ def test_train_writes_calibrated_checkpoint(trained: Path):
     assert set(meta.calibration) >= {"p99", "p99.5", "p99.9", "default"}
     assert 0 < meta.calibration["p99"] <= meta.calibration["p99.5"] <= meta.calibration["p99.9"] < 100
     assert meta.calibration["default"] == meta.calibration["p99"]
+    # the scores: w and the prior's percentile picked among the candidates, their AUPRC stored,
+    # and a calibration row per score, kernel and mode; the residual's row is the calibration
+    from napari_tae.scores import FUSED_WEIGHTS, PRIOR_PERCENTILES, TABLE_KERNELS, TABLE_MODES, calibrated_squash
+
+    scores = meta.scores
+    assert scores["default"] == "residual"
+    assert scores["fused"]["weight"] in FUSED_WEIGHTS and len(scores["fused"]["auprc"]) == len(FUSED_WEIGHTS)
+    assert scores["prior"]["percentile"] in PRIOR_PERCENTILES and 0 < scores["prior"]["threshold"] < 1
+    best = max(scores["fused"]["auprc"].values())
+    assert scores["fused"]["auprc"][f"{scores['fused']['weight']:g}"] == best
+    assert len(scores["table"]) == 3 * len(TABLE_KERNELS) * len(TABLE_MODES)
+    assert calibrated_squash(meta, "residual", 5, "2d") == pytest.approx(meta.calibration["p99"])
     # per-volume normalisation: the settings are stored, not one volume's window
     assert meta.preprocessing["normalisation"] == "per_volume"
     assert meta.preprocessing["upper_percentile"] == 99.5 and "low" not in meta.preprocessing
@@ -141,7 +153,7 @@ def test_trained_beats_untrained(dataset: Path, trained: Path, tmp_path: Path):
     # report structure: upper bound labelled, calibrated threshold from the checkpoint
     assert res_t["calibrated"]["source"] == "calibrated"
     assert res_t["calibrated"]["squash_percent"] == pytest.approx(meta.calibration["default"])
-    assert res_u["calibrated"]["source"] == "paper default"
+    assert res_u["calibrated"]["source"] == "per-scan robust"  # no calibration stored
     assert "upper bound" in res_t["dsc_upper_bound"]["note"]
     assert 0 <= res_t["calibrated"]["fpr_healthy"] <= 1
     assert len(res_t["per_volume"]) == 2

@@ -193,7 +193,8 @@ def test_run_twice_and_switch_layers(make_napari_viewer, qtbot, files):
     _wait_done(qtbot, widget, viewer)
     qtbot.wait(100)  # let a stale first run deliver (it must be dropped)
     assert len(_results(viewer)) == 3 and _results(viewer, "other") == []
-    assert len([ly for ly in viewer.layers if ly.name.startswith("flair ")]) == 3
+    # reconstruction, residual, score and mask, once each
+    assert len([ly for ly in viewer.layers if ly.name.startswith("flair ")]) == 4
     assert viewer.layers["flair anomaly mask"].data.shape == layer.data.shape
 
     # run on "other", then remove it mid-run: result discarded, no exception
@@ -717,3 +718,56 @@ def test_layer_context_menu_docks_the_widget(make_napari_viewer, files):
     find_anomalies(viewer)  # the docked widget is reused
     docked = [w for w in viewer.window.dock_widgets.values() if isinstance(w, AnomalyWidget)]
     assert len(docked) == 1 and docked[0].image_layer() is second
+
+
+def test_score_kernel_and_mode_move_the_squash_to_the_calibration_table(make_napari_viewer, files, tmp_path):
+    from napari_tae.postprocess import anomaly_mask
+    from napari_tae.scores import anomaly_score
+
+    def value(score, kernel, mode):  # a distinct calibrated value per row
+        return {"residual": 2.0, "fused": 60.0, "prior": 4.0}[score] + kernel / 10 + (0.05 if mode == "3d" else 0)
+
+    table = [{"score": s, "kernel": k, "mode": m, "p99": value(s, k, m), "p99.5": value(s, k, m) + 1,
+              "p99.9": value(s, k, m) + 2} for s in ("residual", "fused", "prior") for m in ("2d", "3d")
+             for k in range(1, 16, 2)]
+    model = build_model("b_tae", img_size=64, depth=1, embed_dim=32, num_heads=2, patch_size=8)
+    ckpt = save_checkpoint(tmp_path / "scored.safetensors", model, preprocessing={},
+                           calibration={"p99": 2.5, "default": 2.5},
+                           scores={"default": "fused", "fused": {"weight": 1.0}, "prior": {"threshold": 0.5},
+                                   "table": table})
+    viewer, widget, _, _ = _widget(make_napari_viewer, files, synchronous=True)
+    # an old checkpoint (one calibration, no table): the residual only, its value at any kernel
+    assert [widget.score_combo.itemText(i) for i in range(widget.score_combo.count())] == ["residual"]
+    widget.kernel_spin.setValue(3)
+    assert widget.squash_slider.value() == pytest.approx(3.0)
+    widget.kernel_spin.setValue(5)
+
+    assert widget.load_checkpoint_file(str(ckpt))
+    assert [widget.score_combo.itemText(i) for i in range(3)] == ["residual", "fused", "prior"]
+    assert widget.score_combo.currentText() == "fused"  # the checkpoint's default score
+    assert widget.squash_slider.value() == pytest.approx(value("fused", 5, "2d"))
+    # the fused score lives on [0, 1 + w]: the slider reaches twice its calibrated values
+    assert widget.squash_slider.maximum() == pytest.approx(2 * (value("fused", 15, "3d") + 2))
+    widget.score_combo.setCurrentText("residual")
+    assert widget.squash_slider.value() == pytest.approx(value("residual", 5, "2d"))
+    assert widget.squash_slider.maximum() == pytest.approx(20.0)  # never below 20 %
+    widget.kernel_spin.setValue(7)
+    assert widget.squash_slider.value() == pytest.approx(value("residual", 7, "2d"))
+    widget.mode_check.setChecked(True)
+    assert widget.squash_slider.value() == pytest.approx(value("residual", 7, "3d"))
+
+    widget.score_combo.setCurrentText("prior")
+    widget.run()
+    score_layer = viewer.layers["flair score"]
+    state = widget._active
+    expected = anomaly_score("prior", state.normalised, state.residual, state.brain, threshold=0.5)
+    np.testing.assert_array_equal(score_layer.data, expected)
+    squash = value("prior", 7, "3d")
+    np.testing.assert_array_equal(viewer.layers["flair anomaly mask"].data > 0,
+                                  anomaly_mask(expected, kernel=7, mode="3d", squash=squash, brain=state.brain))
+    # switching the score after the run shows it and thresholds it at its calibrated value
+    widget.score_combo.setCurrentText("fused")
+    np.testing.assert_array_equal(score_layer.data, anomaly_score("fused", state.normalised, state.residual,
+                                                                  state.brain, weight=1.0))
+    assert widget.squash_slider.value() == pytest.approx(value("fused", 7, "3d"))
+    assert widget._active.post.score == "fused"
