@@ -31,8 +31,27 @@ def test_bundled_files_small_calibrated_and_marked_synthetic():
         # users must be told plainly these weights never saw a real brain
         assert "synthetic" in str(meta.training.get("data", "")).lower(), meta.training
         assert meta.training.get("reproduce", "").startswith("python -m training train"), name
+        # recalibrated with the scores: a table row per score, kernel and mode, the residual's
+        # kernel-5 row equal to the single calibration older readers use
+        from napari_tae.scores import SCORES, TABLE_KERNELS, TABLE_MODES, calibrated_squash
+
+        assert len(meta.scores["table"]) == len(SCORES) * len(TABLE_KERNELS) * len(TABLE_MODES), name
+        assert calibrated_squash(meta, "residual", 5, "2d") == pytest.approx(meta.calibration["default"])
+        assert meta.training["calibration_command"].startswith("python -m training calibrate"), name
         model, _ = load_checkpoint(path)
         assert not model.training
+
+
+def test_intensity_baseline_calibrated_on_synthetic_volumes():
+    from napari_tae.checkpoint import intensity_metadata
+    from napari_tae.scores import TABLE_KERNELS, TABLE_MODES, available_scores
+
+    meta = intensity_metadata()
+    assert available_scores(meta) == ("residual",)
+    assert len(meta.scores["table"]) == len(TABLE_KERNELS) * len(TABLE_MODES)
+    # the normalised FLAIR's top percentile on healthy brains: the useful range of the baseline
+    assert 80 < meta.calibration["default"] < 100
+    assert "synth" in meta.training["calibration_note"]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +68,8 @@ def _scores(volume, model, meta):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         seg = segment(volume, model, meta, device="cpu")
-    # the evaluation protocol's score: the median-filtered residual, inside the brain
-    return seg, median_filtered(seg.residual, seg.settings["median_kernel"], seg.settings["median_mode"])
+    # the evaluation protocol's score: the median-filtered score the mask thresholds, in the brain
+    return seg, median_filtered(seg.score, seg.settings["median_kernel"], seg.settings["median_mode"])
 
 
 def _auprc(score, truth, brain) -> float:
@@ -66,13 +85,12 @@ def _auprc(score, truth, brain) -> float:
 @pytest.fixture(scope="module")
 def default_result(sample):
     """Segmentation of the sample by the default bundled model and by the intensity baseline."""
-    from napari_tae.checkpoint import default_checkpoint
-    from napari_tae.models import build_model
+    from napari_tae.checkpoint import default_checkpoint, load_model
 
     volume, labels = sample
     name = default_checkpoint()
     model, meta = load_checkpoint(bundled_checkpoints()[name])
-    return name, meta, _scores(volume, model, meta), _scores(volume, build_model("intensity"), None)
+    return name, meta, _scores(volume, model, meta), _scores(volume, *load_model("intensity"))
 
 
 def _dice(mask, truth) -> float:
@@ -82,13 +100,16 @@ def _dice(mask, truth) -> float:
 def test_default_model_auprc_beside_intensity(sample, default_result):
     truth = sample[1] > 0
     name, meta, (seg, score), (base, base_score) = default_result
-    assert seg.settings["squash_source"] == "calibrated"
-    assert seg.settings["squash"] == pytest.approx(meta.calibration["default"])
+    from napari_tae.scores import calibrated_squash, default_score
+
+    assert seg.settings["score"] == default_score(meta) and seg.settings["squash_source"] == "calibrated"
+    assert seg.settings["squash"] == pytest.approx(calibrated_squash(meta, default_score(meta), 5, "2d"))
     ap_model = _auprc(score, truth, seg.brain)
     ap_base = _auprc(base_score, truth, base.brain)
     print(f"\n{name}: Dice {_dice(seg.mask, truth):.3f} at calibrated squash "
-          f"{seg.settings['squash']:.2f}%, AUPRC {ap_model:.3f}; intensity baseline: AUPRC "
-          f"{ap_base:.3f}, Dice {_dice(base.mask, truth):.3f} at squash 1%")
+          f"{seg.settings['squash']:.2f}% ({seg.settings['score']} score), AUPRC {ap_model:.3f}; intensity "
+          f"baseline: AUPRC {ap_base:.3f}, Dice {_dice(base.mask, truth):.3f} at its calibrated "
+          f"{base.settings['squash']:.1f}%")
     assert math.isfinite(ap_model) and math.isfinite(ap_base)
     # docs/evaluation.md: a model that does not beat the FLAIR intensity has not learned normal anatomy
     assert ap_model > ap_base

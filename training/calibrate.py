@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from training.data import InputError, resolve_volumes
+from training.data import InputError, configure_logging, resolve_volumes
 
 __all__ = ["ANOMALY_KINDS", "build_parser", "calibrate_detector", "main"]
 
@@ -183,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     from napari_tae.checkpoint import (
         FORMAT_VERSION,
         CheckpointError,

@@ -43,6 +43,15 @@ _ROLE_TOKENS = frozenset({
 })
 
 
+def configure_logging() -> None:
+    """INFO lines with a timestamp on stderr for the ``python -m training`` commands, unless the
+    caller (a test, an embedding program) configured logging already."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
 class InputError(ValueError):
     """Bad user input detected before training/evaluation starts (one-line message)."""
 

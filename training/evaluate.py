@@ -32,7 +32,7 @@ from napari_tae.export import jsonable
 from napari_tae.io import error_line, nifti_stem
 from napari_tae.options import MEDIAN_MODES, check_median_kernel
 from napari_tae.scores import SCORES, ScoreSpec, label_free_squash, score_spec
-from training.data import InputError, pair_by_name, resolve_volumes
+from training.data import InputError, configure_logging, pair_by_name, resolve_volumes
 from training.metrics import (BinnedScores, dice_at_threshold, false_positive_counts, mean_std, slice_dice_smoothed,
                               ssim_slices)
 
@@ -378,8 +378,7 @@ def format_markdown(results: dict[str, Any], title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         inputs = check_inputs(args)
         model, meta, name = load_model(args)

@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from training.data import configure_logging
+
+    configure_logging()
     if min(args.n_train, args.n_val, args.n_test, args.n_test_healthy) < 0:
         parser.error("volume counts must be >= 0")
     if args.spacing is not None and len(args.spacing) not in (1, 3):

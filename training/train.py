@@ -38,7 +38,7 @@ from napari_tae._atomic import atomic_path
 from napari_tae.io import error_line
 from napari_tae.options import MEDIAN_MODES, check_median_kernel
 from napari_tae.scores import SCORES
-from training.data import (InputError, SliceDataset, collate_batch, iter_batches,
+from training.data import (InputError, SliceDataset, collate_batch, configure_logging, iter_batches,
                            load_slices, norm_settings, pair_by_name, resolve_volumes, split_by_volume)
 
 __all__ = [
@@ -633,8 +633,7 @@ def _build(args: argparse.Namespace) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 bad input, 1 training failure, 130 interrupted)."""
     parser, args = parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         inputs = _check_inputs(args)
         model_overrides(args)
