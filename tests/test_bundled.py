@@ -14,6 +14,14 @@ import numpy as np
 import pytest
 
 from napari_tae.checkpoint import bundled_checkpoints, load_checkpoint, read_metadata
+from napari_tae.scores import (
+    SCORES,
+    TABLE_KERNELS,
+    TABLE_MODES,
+    available_scores,
+    calibrated_squash,
+    default_score,
+)
 
 MAX_BYTES = 25 * 1024 * 1024
 EXPECTED_MODELS = {"dc_tae", "h_tae_s"}
@@ -33,8 +41,6 @@ def test_bundled_files_small_calibrated_and_marked_synthetic():
         assert meta.training.get("reproduce", "").startswith("python -m training train"), name
         # recalibrated with the scores: a table row per score, kernel and mode, the residual's
         # kernel-5 row equal to the single calibration older readers use
-        from napari_tae.scores import SCORES, TABLE_KERNELS, TABLE_MODES, calibrated_squash
-
         assert len(meta.scores["table"]) == len(SCORES) * len(TABLE_KERNELS) * len(TABLE_MODES), name
         assert calibrated_squash(meta, "residual", 5, "2d") == pytest.approx(meta.calibration["default"])
         assert meta.training["calibration_command"].startswith("python -m training calibrate"), name
@@ -44,7 +50,6 @@ def test_bundled_files_small_calibrated_and_marked_synthetic():
 
 def test_intensity_baseline_calibrated_on_synthetic_volumes():
     from napari_tae.checkpoint import intensity_metadata
-    from napari_tae.scores import TABLE_KERNELS, TABLE_MODES, available_scores
 
     meta = intensity_metadata()
     assert available_scores(meta) == ("residual",)
@@ -100,8 +105,6 @@ def _dice(mask, truth) -> float:
 def test_default_model_auprc_beside_intensity(sample, default_result):
     truth = sample[1] > 0
     name, meta, (seg, score), (base, base_score) = default_result
-    from napari_tae.scores import calibrated_squash, default_score
-
     assert seg.settings["score"] == default_score(meta) and seg.settings["squash_source"] == "calibrated"
     assert seg.settings["squash"] == pytest.approx(calibrated_squash(meta, default_score(meta), 5, "2d"))
     ap_model = _auprc(score, truth, seg.brain)

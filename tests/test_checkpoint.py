@@ -288,7 +288,7 @@ SCORES_META = {
 
 
 def test_scores_metadata_round_trip_and_recalibration_keeps_weights(tmp_path):
-    model, path = _saved(tmp_path)
+    _, path = _saved(tmp_path)
     old = read_metadata(path)
     assert old.scores == {}
     loaded, _ = load_checkpoint(path)
@@ -303,7 +303,7 @@ def test_checkpoint_without_scores_field_still_loads(tmp_path):
     # files written before scores existed have no 'scores' key at all
     _, path = _saved(tmp_path)
     old = _rewrite(path, tmp_path / "old.safetensors", lambda m: m.pop("scores"))
-    model, meta = load_checkpoint(old)
+    _, meta = load_checkpoint(old)
     assert meta.scores == {} and meta.calibration == CALIB
 
 

@@ -110,7 +110,13 @@ def test_train_writes_calibrated_checkpoint(trained: Path):
     assert meta.calibration["default"] == meta.calibration["p99"]
     # the scores: w and the prior's percentile picked among the candidates, their AUPRC stored,
     # and a calibration row per score, kernel and mode; the residual's row is the calibration
-    from napari_tae.scores import FUSED_WEIGHTS, PRIOR_PERCENTILES, TABLE_KERNELS, TABLE_MODES, calibrated_squash
+    from napari_tae.scores import (
+        FUSED_WEIGHTS,
+        PRIOR_PERCENTILES,
+        TABLE_KERNELS,
+        TABLE_MODES,
+        calibrated_squash,
+    )
 
     scores = meta.scores
     assert scores["default"] == "residual"
