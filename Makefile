@@ -26,6 +26,7 @@ demo: sysdeps $(VENV)/.installed
 	$(VENV)/bin/napari-tae demo
 
 test: sysdeps $(VENV)/.installed
+	$(VENV)/bin/ruff check napari_tae training tests benchmarks
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest -q
 
 # under Xvfb: bench_live_update.py drives the widget in a shown napari window

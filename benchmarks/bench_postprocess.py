@@ -93,9 +93,9 @@ def main() -> None:
 
     print("\nother settings, whole volume (median ms):")
     for kernel in (1, 3, 5, 7, 11, 15):
-        med2, _ = timed(lambda: anomaly_mask(r, kernel=kernel, squash=args.squash), args.repeats)
+        med2, _ = timed(lambda k=kernel: anomaly_mask(r, kernel=k, squash=args.squash), args.repeats)
         med3, _ = timed(
-            lambda: anomaly_mask(r, kernel=kernel, squash=args.squash, mode="3d"), args.repeats
+            lambda k=kernel: anomaly_mask(r, kernel=k, squash=args.squash, mode="3d"), args.repeats
         )
         print(f"  kernel {kernel:2d}: 2d {med2:8.2f}   3d {med3:8.2f}")
     med, _ = timed(

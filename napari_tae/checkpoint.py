@@ -89,7 +89,7 @@ class CheckpointMeta:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CheckpointMeta":
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointMeta:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 

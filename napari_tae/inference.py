@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .options import DEVICE_CHOICES
-from .postprocess import anomaly_mask, lesion_table, residual as residual_map
+from .postprocess import anomaly_mask, lesion_table
+from .postprocess import residual as residual_map
 from .preprocess import NormParams, brain_mask, norm_from_settings, prepare_volume
 from .scores import default_score, label_free_squash, score_spec
 
@@ -186,7 +187,7 @@ def iter_reconstruct(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch_size = int(batch_size)
-    size = int(getattr(model, "img_size"))
+    size = int(model.img_size)
     device = select_device(device)
     if norm is None and meta is not None:
         brain = brain_mask(volume_data, brain)
@@ -351,7 +352,7 @@ def segment(
     settings = {
         "model": getattr(meta, "model_name", None) or getattr(model, "model_name", "") or type(model).__name__,
         "checkpoint_sha256": getattr(meta, "sha256", None),
-        "img_size": int(getattr(model, "img_size")),
+        "img_size": int(model.img_size),
         "normalisation": rec.norm.to_dict(),
         "brain_mask": "supplied" if brain is not None else "auto",
         "median_kernel": int(kernel),

@@ -342,9 +342,8 @@ def _label_dtype(data: np.ndarray, path: str) -> np.dtype:
     """Smallest NIfTI-friendly integer dtype holding the labels (uint8, int16, else int32)."""
     if data.size == 0:
         return np.dtype(np.uint8)
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise VolumeError(path, "labels must be integers")
+    if data.dtype.kind == "f" and not (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))):
+        raise VolumeError(path, "labels must be integers")
     lo, hi = (int(data.min()), int(data.max())) if data.dtype != bool else (0, 1)
     for dtype in (np.uint8, np.int16, np.int32):
         info = np.iinfo(dtype)

@@ -507,7 +507,7 @@ def healthy_subject(
 
     def pull(a: np.ndarray) -> np.ndarray:
         out = np.zeros(shape, np.float32)
-        out[box] = ndi.map_coordinates(a, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+        out[box] = ndi.map_coordinates(a, coords, order=1, mode="constant", cval=0.0, prefilter=False)  # noqa: F821 - the enclosing scope's coords, freed after the last pull
         return out
 
     soft = pull(tpl.brain)

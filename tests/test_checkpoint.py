@@ -11,8 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from napari_tae import checkpoint as ckpt
-from napari_tae.checkpoint import (FORMAT_VERSION, CheckpointError, bundled_checkpoints, load_checkpoint,
-                                   read_metadata, save_checkpoint, weights_sha256)
+from napari_tae.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    bundled_checkpoints,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    weights_sha256,
+)
 from napari_tae.models import build_model
 
 PREP = {"upper_percentile": 99.5, "low": 0.0, "high": 1.0, "size": 64}

@@ -42,9 +42,9 @@ def _read_rgb(path) -> np.ndarray:
 
 
 def test_demo_layers_model_and_visible_mask(make_napari_viewer, qtbot):
-    from napari_tae.plugin._sample_data import SAMPLE_NAME
     from napari_tae.checkpoint import default_checkpoint
     from napari_tae.plugin._demo import build_demo
+    from napari_tae.plugin._sample_data import SAMPLE_NAME
 
     # a shown window: with show=False napari 0.9's canvas screenshots come back black
     viewer = make_napari_viewer(show=True)

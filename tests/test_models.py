@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from napari_tae.models import (
+    build_config,
+    build_model,
+    count_parameters,
+    format_model_table,
+    list_models,
+    model_defaults,
+    model_info,
+)
 from napari_tae.models.blocks import PatchExpand, patchify, unpatchify
-from napari_tae.models import (build_config, build_model, count_parameters, format_model_table, list_models,
-                               model_defaults, model_info)
 
 NAMES = ["b_tae", "sc_tae", "dc_tae", "h_tae", "h_tae_s", "ae_dense", "ae_spatial", "vae", "vq_vae", "intensity"]
 

@@ -179,7 +179,7 @@ def test_prepare_volume():
     prepared = prepare_volume(data, 64)
     assert prepared.slices.shape == (6, 64, 64) and prepared.slices.dtype == np.float32
     assert prepared.mask_slices.shape == (6, 64, 64) and prepared.mask_slices.dtype == bool
-    assert 0.0 <= prepared.slices.min() and prepared.slices.max() <= 1.0
+    assert prepared.slices.min() >= 0.0 and prepared.slices.max() <= 1.0
     np.testing.assert_array_equal(prepared.brain, inside)
     np.testing.assert_array_equal(
         prepared.normalised, normalise(data, inside, fit_normalisation(data, inside))

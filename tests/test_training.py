@@ -171,8 +171,8 @@ def test_evaluate_matches_sklearn_on_intensity(dataset: Path, tmp_path: Path):
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     from napari_tae.io import load_volume
-    from napari_tae.preprocess import prepare_volume
     from napari_tae.postprocess import median_filtered
+    from napari_tae.preprocess import prepare_volume
 
     out = tmp_path / "int.json"
     rc = cli(["evaluate", "--model", "intensity", "--images", str(dataset / "test" / "images"),

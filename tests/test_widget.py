@@ -8,12 +8,12 @@ import pytest
 
 pytest.importorskip("qtpy")
 
-from napari_tae.plugin._widget import NEXT_KEY, AnomalyWidget  # noqa: E402
 from napari_tae.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from napari_tae.inference import segment  # noqa: E402
 from napari_tae.io import load_volume  # noqa: E402
-from napari_tae.plugin._layers import GEOMETRY_KEY, layer_kwargs  # noqa: E402
 from napari_tae.models import build_model  # noqa: E402
+from napari_tae.plugin._layers import GEOMETRY_KEY, layer_kwargs  # noqa: E402
+from napari_tae.plugin._widget import NEXT_KEY, AnomalyWidget  # noqa: E402
 from napari_tae.settings import CONFIG_ENV, load_settings  # noqa: E402
 from napari_tae.synthetic import sample_case  # noqa: E402
 

@@ -181,7 +181,7 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
         return self.slices[torch.as_tensor(indices, dtype=torch.long)].unsqueeze(1)
 
-    def to(self, device: torch.device) -> "SliceDataset":
+    def to(self, device: torch.device) -> SliceDataset:
         return SliceDataset(self.slices.to(device), self.volumes)
 
 

@@ -33,8 +33,14 @@ from napari_tae.io import error_line, nifti_stem
 from napari_tae.options import MEDIAN_MODES, check_median_kernel
 from napari_tae.scores import SCORES, ScoreSpec, label_free_squash, score_spec
 from training.data import InputError, configure_logging, pair_by_name, resolve_volumes
-from training.metrics import (BinnedScores, dice_at_threshold, false_positive_counts, mean_std, slice_dice_smoothed,
-                              ssim_slices)
+from training.metrics import (
+    BinnedScores,
+    dice_at_threshold,
+    false_positive_counts,
+    mean_std,
+    slice_dice_smoothed,
+    ssim_slices,
+)
 
 __all__ = ["build_parser", "main", "evaluate", "EvalInputs", "format_markdown"]
 
@@ -363,9 +369,9 @@ def format_markdown(results: dict[str, Any], title: str) -> str:
         ("paper: per-slice smoothed Dice at S_1%", _fmt(p["slice_dice_smoothed_s1"])),
     ]
     lines = [f"## {title}", "",
-             f"{results['n_volumes']} test volume(s), {results['n_healthy_volumes']} healthy; "
-             f"median kernel {results['settings']['median_kernel']} ({results['settings']['median_mode']}); "
-             f"score {results['settings']['score']['name']}.",
+             (f"{results['n_volumes']} test volume(s), {results['n_healthy_volumes']} healthy; "
+              f"median kernel {results['settings']['median_kernel']} ({results['settings']['median_mode']}); "
+              f"score {results['settings']['score']['name']}."),
              "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     if results.get("per_kind"):

@@ -82,7 +82,7 @@ class BinnedScores:
         np.clip(idx, 0, self.n_bins, out=idx)
         return idx.astype(np.intp)
 
-    def update(self, scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> "BinnedScores":
+    def update(self, scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> BinnedScores:
         """Add voxels: ``labels > 0`` are positives; only voxels where ``mask`` is true, if given."""
         scores = np.asarray(scores)
         labels = np.asarray(labels)
@@ -104,18 +104,18 @@ class BinnedScores:
             self.neg += np.bincount(idx[~lab], minlength=self.n_bins + 1)
         return self
 
-    def _check_compatible(self, other: "BinnedScores") -> None:
+    def _check_compatible(self, other: BinnedScores) -> None:
         if (self.n_bins, self.max_score) != (other.n_bins, other.max_score):
             raise ValueError(f"cannot combine bins ({self.n_bins}, {self.max_score}) with "
                              f"({other.n_bins}, {other.max_score})")
 
-    def __iadd__(self, other: "BinnedScores") -> "BinnedScores":
+    def __iadd__(self, other: BinnedScores) -> BinnedScores:
         self._check_compatible(other)
         self.pos += other.pos
         self.neg += other.neg
         return self
 
-    def __add__(self, other: "BinnedScores") -> "BinnedScores":
+    def __add__(self, other: BinnedScores) -> BinnedScores:
         out = BinnedScores(self.n_bins, self.max_score)
         out += self
         out += other

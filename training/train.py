@@ -38,8 +38,18 @@ from napari_tae._atomic import atomic_path
 from napari_tae.io import error_line
 from napari_tae.options import MEDIAN_MODES, check_median_kernel
 from napari_tae.scores import SCORES
-from training.data import (InputError, SliceDataset, collate_batch, configure_logging, iter_batches,
-                           load_slices, norm_settings, pair_by_name, resolve_volumes, split_by_volume)
+from training.data import (
+    InputError,
+    SliceDataset,
+    collate_batch,
+    configure_logging,
+    iter_batches,
+    load_slices,
+    norm_settings,
+    pair_by_name,
+    resolve_volumes,
+    split_by_volume,
+)
 
 __all__ = [
     "NonFiniteLossError",
@@ -896,7 +906,7 @@ def _write_args(path: Path, args: argparse.Namespace) -> None:
     import yaml
 
     with open(path, "w") as fh:
-        yaml.safe_dump({k: v for k, v in vars(args).items()}, fh, sort_keys=True)
+        yaml.safe_dump(dict(vars(args)), fh, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, grid_size: tuple[int, int]
     B, N, D = tokens.shape
     p = patch_size
     gh, gw = grid_size
-    if N != gh * gw or D != p * p * channels:
+    if gh * gw != N or p * p * channels != D:
         raise ValueError(f"Tokens {tuple(tokens.shape)} don't match grid {grid_size}, patch {p}, channels {channels}.")
     x = tokens.reshape(B, gh, gw, p, p, channels)
     x = x.permute(0, 5, 1, 3, 2, 4)  # B, C, gh, p, gw, p

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from ._base import ModelConfig, ReconstructionModel
-from .blocks import ConvAE, ConvDecoder, ConvEncoder, VectorQuantizer
 from ._registry import register_model
+from .blocks import ConvAE, ConvDecoder, ConvEncoder, VectorQuantizer
 
 __all__ = ["ConvAEConfig", "VAEConfig", "VQVAEConfig", "ConvAutoencoder", "VAE", "VQVAE"]
 

@@ -29,8 +29,8 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from timm.models.vision_transformer import Block
 
 from ._base import ModelConfig, ReconstructionModel, init_weights
-from .blocks import PatchExpand
 from ._registry import register_model
+from .blocks import PatchExpand
 
 __all__ = ["HTAEConfig", "HierarchicalTAE"]
 

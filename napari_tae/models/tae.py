@@ -28,8 +28,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from ._base import ModelConfig, ReconstructionModel, init_weights
-from .blocks import ConvAE, DecoderBlock, Unpatchify
 from ._registry import register_model
+from .blocks import ConvAE, DecoderBlock, Unpatchify
 
 __all__ = ["TAEConfig", "TransformerAE"]
 

@@ -28,14 +28,14 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
 
     napari is imported inside the functions, so that importing this module stays cheap. Returns the docked ``AnomalyWidget``.
     """
-    from napari_tae.plugin._sample_data import SAMPLE_NAME, make_sample_data
-    from napari_tae.plugin._widget import AnomalyWidget
     from napari_tae.checkpoint import (
         CheckpointError,
         bundled_checkpoints,
         default_checkpoint,
         resolve_checkpoint,
     )
+    from napari_tae.plugin._sample_data import SAMPLE_NAME, make_sample_data
+    from napari_tae.plugin._widget import AnomalyWidget
 
     spec = checkpoint or default_checkpoint()
     try:

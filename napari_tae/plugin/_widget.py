@@ -368,7 +368,7 @@ class AnomalyWidget(QWidget):
 
         try:
             resolved = select_device(device).type
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any device problem is shown, never raised in the GUI
             self.device_label.setText(f"<b style='color:orange'>{exc}</b>")
             return
         if resolved == "cpu":
