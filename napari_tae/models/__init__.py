@@ -5,14 +5,14 @@ CNN baselines (ae_dense, ae_spatial, vae, vq_vae) and the intensity baseline.
 ``python -m napari_tae.models`` prints the table of models, configs and parameter counts.
 """
 from ._registry import (
-                        build_config,
-                        build_model,
-                        count_parameters,
-                        format_model_table,
-                        list_models,
-                        model_defaults,
-                        model_info,
-                        register_model,
+    build_config,
+    build_model,
+    count_parameters,
+    format_model_table,
+    list_models,
+    model_defaults,
+    model_info,
+    register_model,
 )
 
 # importing the family modules registers their entrypoints (order = listing order)
