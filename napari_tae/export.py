@@ -41,6 +41,7 @@ OUTPUT_KINDS = {
     "reconstruction": "_reconstruction.nii.gz",
     "residual": "_residual.nii.gz",
     "mask": "_mask.nii.gz",
+    "brain": "_brain.nii.gz",  # the brain mask used (supplied, deepbet's or the non-background)
     "lesions": "_lesions.csv",
     "seg": "_mask.seg.dcm",  # DICOM inputs only: the mask as a DICOM SEG referencing the series
     "provenance": "_provenance.json",

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .brain import resolve_brain_mask
 from .options import DEVICE_CHOICES
 from .postprocess import anomaly_mask, lesion_table, residual as residual_map
-from .preprocess import NormParams, brain_mask, norm_from_settings, prepare_volume
+from .preprocess import NormParams, PreprocessOptions, prepare_volume
 
 __all__ = [
     "Reconstruction",
@@ -36,7 +37,6 @@ __all__ = [
     "default_squash",
     "inference_job",
     "iter_reconstruct",
-    "norm_from_meta",
     "reconstruct",
     "segment",
     "select_device",
@@ -103,7 +103,8 @@ def select_device(preference: str | torch.device = "auto") -> torch.device:
 class Reconstruction:
     """Model output on the native grid of the input volume.
 
-    ``normalised``, ``reconstruction`` and ``residual`` are (Z, Y, X) float32; ``brain`` is bool.
+    ``normalised``, ``reconstruction`` and ``residual`` are (Z, Y, X) float32; ``brain`` is bool
+    and ``brain_method`` says where it came from (:class:`napari_tae.brain.BrainMask`).
     ``device`` and ``batch_size`` record what the run ended up using (after any OOM fallback).
     """
 
@@ -114,6 +115,8 @@ class Reconstruction:
     norm: NormParams
     device: str = "cpu"
     batch_size: int = 0
+    brain_method: str = "supplied"
+    options: PreprocessOptions = field(default_factory=PreprocessOptions)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -154,6 +157,9 @@ def iter_reconstruct(
     brain: np.ndarray | None = None,
     norm: NormParams | None = None,
     meta: Any = None,
+    spacing: Any = None,
+    skull_strip: str = "auto",
+    options: PreprocessOptions | None = None,
     device: str | torch.device = "auto",
     batch_size: int = 8,
     amp: bool = True,
@@ -168,10 +174,18 @@ def iter_reconstruct(
     Args:
         model: A :class:`~napari_tae.models.ReconstructionModel` (needs ``img_size``).
         volume_data: (Z, Y, X) FLAIR volume in napari order, raw intensities.
-        brain: Optional brain mask (non-zero = brain); else guessed by ``prepare_volume``.
-        norm: Normalisation to use; else the one ``meta`` asks for (:func:`norm_from_meta`),
-            else fitted on this volume's brain with the defaults.
-        meta: The checkpoint's :class:`~napari_tae.checkpoint.CheckpointMeta`, or None.
+        brain: Optional brain mask (non-zero = brain); else
+            :func:`napari_tae.brain.resolve_brain_mask` with ``skull_strip``.
+        norm: Normalisation to use; else the checkpoint's fixed one, else fitted on this
+            volume's brain with the checkpoint's percentiles.
+        meta: The checkpoint's :class:`~napari_tae.checkpoint.CheckpointMeta`, or None; its
+            preprocessing metadata gives ``options`` when they are not given.
+        spacing: (Z, Y, X) voxel size in mm, for brain extraction, bias correction and the
+            checkpoint's physical pixel size; required by checkpoints with ``mm_per_px``
+            (None: 1 mm for the others).
+        skull_strip: ``"auto"``, ``"always"`` or ``"never"`` (ignored when ``brain`` is given).
+        options: :class:`~napari_tae.preprocess.PreprocessOptions` overriding ``meta``'s
+            (training's calibration passes the run's own).
         device: See :func:`select_device`.
         batch_size: Slices per forward pass (upper bound, halves on OOM).
         amp: bfloat16 autocast on CUDA (ignored elsewhere).
@@ -187,10 +201,16 @@ def iter_reconstruct(
     batch_size = int(batch_size)
     size = int(getattr(model, "img_size"))
     device = select_device(device)
-    if norm is None and meta is not None:
-        brain = brain_mask(volume_data, brain)
-        norm = norm_from_meta(volume_data, brain, meta)
-    prepared = prepare_volume(volume_data, size, mask=brain, norm=norm)
+    options = options or PreprocessOptions.from_meta(meta)
+    if spacing is None and options.mm_per_px is not None:
+        # a silent 1 mm guess would show the model the brain at the wrong scale
+        raise ValueError(
+            f"the checkpoint works at {options.mm_per_px:g} mm per pixel: the voxel size "
+            "(spacing) of the volume is needed"
+        )
+    resolved = resolve_brain_mask(volume_data, spacing, supplied=brain, skull_strip=skull_strip)
+    prepared = prepare_volume(volume_data, size, mask=resolved.mask, norm=norm, spacing=spacing,
+                              options=options)
     total = prepared.slices.shape[0]
     todo = np.flatnonzero(prepared.brain.reshape(total, -1).any(axis=1))
     # private output buffer: nothing outside this run sees it before it is complete
@@ -234,6 +254,8 @@ def iter_reconstruct(
         norm=prepared.norm,
         device=str(device),
         batch_size=batch_size,
+        brain_method=resolved.method,
+        options=options,
     )
 
 
@@ -270,17 +292,6 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams | None:
-    """Normalisation a checkpoint asks for, to pass to :func:`iter_reconstruct` as ``norm``.
-
-    Training records ``{"normalisation": "per_volume", "upper_percentile": p, ...}``: the window
-    is fitted on this volume's own brain with the checkpoint's percentiles. Fixed ``low``/``high``
-    numbers are used as they are only when the normalisation is not per volume. None (no meta, or
-    no settings) lets :func:`~napari_tae.preprocess.prepare_volume` fit its defaults.
-    """
-    return norm_from_settings(data, brain, getattr(meta, "preprocessing", None) or {})
-
-
 def default_squash(meta: Any) -> tuple[float, str]:
     """The checkpoint's calibrated squash (percent) and its source, else 1 % (the paper's S_1%)."""
     calibration = getattr(meta, "calibration", None) or {}
@@ -299,6 +310,7 @@ def segment(
     mode: str = "2d",
     min_size: int = 0,
     brain: np.ndarray | None = None,
+    skull_strip: str = "auto",
     device: str | torch.device = "auto",
     batch_size: int = 8,
     amp: bool = True,
@@ -315,8 +327,8 @@ def segment(
         squash: Threshold in percent of the intensity range; None = the checkpoint's calibrated
             ``"default"``, else 1.
         min_size: Smallest connected component kept, in voxels.
-        brain: Optional brain mask; else guessed from the background.
-        device, batch_size, amp: As in :func:`iter_reconstruct`.
+        brain: Optional brain mask; else :func:`napari_tae.brain.resolve_brain_mask`.
+        skull_strip, device, batch_size, amp: As in :func:`iter_reconstruct`.
     """
     data = np.asarray(getattr(volume, "data", volume))
     geometry = getattr(volume, "geometry", None)
@@ -329,7 +341,8 @@ def segment(
 
     t0 = time.perf_counter()
     rec = reconstruct(
-        model, data, brain=brain, meta=meta, device=device, batch_size=batch_size, amp=amp
+        model, data, brain=brain, meta=meta, spacing=spacing, skull_strip=skull_strip,
+        device=device, batch_size=batch_size, amp=amp,
     )
     t1 = time.perf_counter()
     mask = anomaly_mask(
@@ -343,7 +356,9 @@ def segment(
         "checkpoint_sha256": getattr(meta, "sha256", None),
         "img_size": int(getattr(model, "img_size")),
         "normalisation": rec.norm.to_dict(),
-        "brain_mask": "supplied" if brain is not None else "auto",
+        "brain_mask": rec.brain_method,
+        "skull_strip": skull_strip,
+        "preprocessing": rec.options.to_dict(),
         "median_kernel": int(kernel),
         "median_mode": mode,
         "squash": float(squash),
@@ -373,6 +388,8 @@ def inference_job(
     data: np.ndarray,
     *,
     brain: np.ndarray | None = None,
+    spacing: Any = None,
+    skull_strip: str = "auto",
     device: str = "auto",
     batch_size: int = 8,
 ) -> Generator[tuple[int, int], None, tuple[Any, Any, str]]:
@@ -388,6 +405,7 @@ def inference_job(
     # meta: the checkpoint's normalisation, as the headless inference.segment uses it, so the
     # widget and the CLI give identical masks
     rec = yield from iter_reconstruct(
-        model, data, brain=brain, meta=meta, device=dev, batch_size=batch_size
+        model, data, brain=brain, meta=meta, spacing=spacing, skull_strip=skull_strip,
+        device=dev, batch_size=batch_size,
     )
     return rec, meta, str(dev)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_tae.synthetic import Subject, _rician, _smooth_field, _ctrl
+from napari_tae.synthetic import Subject, _ctrl, _rician, _smooth_field
 
 __all__ = ["HEAD_LAYERS_MM", "Head", "add_head"]
 

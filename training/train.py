@@ -36,8 +36,10 @@ from torch import nn
 from napari_tae._atomic import atomic_path
 from napari_tae.io import error_line
 from napari_tae.options import MEDIAN_MODES, check_median_kernel
-from training.data import (InputError, SliceDataset, collate_batch, fit_volume_norm, iter_batches,
-                           load_slices, norm_settings, pair_by_name, resolve_volumes, split_by_volume)
+from napari_tae.brain import SKULL_STRIP_CHOICES
+from napari_tae.preprocess import DEFAULT_FIELD_MM, PreprocessOptions
+from training.data import (InputError, SliceDataset, collate_batch, iter_batches, load_slices,
+                           pair_by_name, resolve_volumes, split_by_volume)
 
 __all__ = [
     "NonFiniteLossError",
@@ -88,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "volume's largest axial brain area (default 0.1)")
     group.add_argument("--upper-percentile", type=float, default=None,
                        help="normalisation clip percentile (default: napari_tae.preprocess's)")
+    group.add_argument("--mm-per-px", type=float, default=None, metavar="MM",
+                       help="model pixel size in mm, recorded in the checkpoint (default: a "
+                            f"{DEFAULT_FIELD_MM:g} mm field over --img-size pixels)")
+    group.add_argument("--bias-correction", choices=("n4", "none"), default="n4",
+                       help="N4 bias-field correction inside the brain (default n4; "
+                            "docs/preprocessing.md)")
+    group.add_argument("--skull-strip", choices=SKULL_STRIP_CHOICES, default="auto",
+                       help="brain extraction of heads (default auto: only volumes that are "
+                            "not skull-stripped)")
     group.add_argument("--num-workers", type=int, default=0,
                        help="DataLoader workers (0: gather batches in-process; slices are in memory)")
 
@@ -499,12 +510,13 @@ def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, runtim
 
 def calibrate_model(model: nn.Module, volumes: list[Path], *, lesion_masks: list[Path | None] | None = None,
                     device: torch.device | str = "cpu", kernel: int = 5, mode: str = "2d",
-                    norm: dict[str, float] | None = None, batch_size: int = 8) -> dict[str, float]:
+                    options: PreprocessOptions | None = None, skull_strip: str = "auto",
+                    batch_size: int = 8) -> dict[str, float]:
     """Residual percentiles on healthy volumes through the shared pipeline (percent units).
 
-    Each volume is normalised the way the plugin normalises it from the checkpoint (per volume,
-    with ``norm``'s percentiles). Lesion voxels (when masks are given) are left out of the brain so
-    they do not inflate the thresholds.
+    Each volume is prepared the way the plugin prepares it from the checkpoint (``options``:
+    per-volume normalisation, pixel size, bias correction). Lesion voxels (when masks are given)
+    are left out of the brain so they do not inflate the thresholds.
     """
     import numpy as np
 
@@ -515,15 +527,24 @@ def calibrate_model(model: nn.Module, volumes: list[Path], *, lesion_masks: list
     residuals, brains = [], []
     lesion_masks = lesion_masks or [None] * len(volumes)
     for path, lesion_path in zip(volumes, lesion_masks):
-        data = load_volume(path).data
-        brain, volume_norm = fit_volume_norm(data, norm or norm_settings())
-        rec = reconstruct(model, data, brain=brain, norm=volume_norm, device=device, batch_size=batch_size)
+        volume = load_volume(path)
+        rec = reconstruct(model, volume.data, spacing=volume.geometry.spacing, options=options,
+                          skull_strip=skull_strip, device=device, batch_size=batch_size)
         brain = np.asarray(rec.brain, bool)
         if lesion_path is not None:
             brain = brain & ~(load_mask(lesion_path).data > 0)
         residuals.append(rec.residual)
         brains.append(brain)
     return {k: float(v) for k, v in calibrate(residuals, brains, kernel=kernel, mode=mode).items()}
+
+
+def preprocess_options(args: argparse.Namespace, img_size: int) -> PreprocessOptions:
+    """The run's preprocessing from its options; stored in the checkpoint for inference."""
+    defaults = PreprocessOptions()
+    upper = defaults.upper_percentile if args.upper_percentile is None else args.upper_percentile
+    mm_per_px = DEFAULT_FIELD_MM / img_size if args.mm_per_px is None else args.mm_per_px
+    return PreprocessOptions(upper_percentile=float(upper), mm_per_px=float(mm_per_px),
+                             bias_correction=args.bias_correction == "n4")
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,6 +638,8 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
         check_median_kernel(args.calib_kernel)
     except ValueError as exc:
         raise InputError(f"--calib-kernel: {exc}") from None
+    if args.mm_per_px is not None and not 0 < args.mm_per_px < math.inf:
+        raise InputError(f"--mm-per-px must be a positive number, got {args.mm_per_px}")
     if not 0 <= args.min_brain_fraction < 1:
         raise InputError(f"--min-brain-fraction must be in [0, 1), got {args.min_brain_fraction}")
     if not args.lr > 0:  # also rejects NaN (an infinite lr is allowed: it stops at the NaN check)
@@ -761,16 +784,18 @@ def _configure_backends(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _load_datasets(args: argparse.Namespace, inputs: _Inputs, img_size: int, norm: dict[str, float],
-                   runtime: Runtime) -> tuple[SliceDataset, SliceDataset]:
+def _load_datasets(args: argparse.Namespace, inputs: _Inputs, img_size: int,
+                   options: PreprocessOptions, runtime: Runtime) -> tuple[SliceDataset, SliceDataset]:
     """Training and validation slices through the shared preprocessing, on the GPU when they fit."""
     if runtime.dist_info.is_main:
         _logger.info("loading %d training and %d validation volumes at %d x %d",
                      len(inputs.train), len(inputs.val), img_size, img_size)
     train_set = load_slices(inputs.train, img_size, min_brain_fraction=args.min_brain_fraction,
-                            lesion_masks=inputs.train_lesions, norm=norm)
+                            lesion_masks=inputs.train_lesions, options=options,
+                            skull_strip=args.skull_strip)
     val_set = load_slices(inputs.val, img_size, min_brain_fraction=args.min_brain_fraction,
-                          lesion_masks=inputs.val_lesions, norm=norm)
+                          lesion_masks=inputs.val_lesions, options=options,
+                          skull_strip=args.skull_strip)
     if runtime.dist_info.is_main:
         _logger.info("%d training slices (%.0f MiB), %d validation slices", len(train_set),
                      train_set.slices.numel() * 2 / 2**20, len(val_set))
@@ -843,7 +868,7 @@ def _ship_best(model: nn.Module, state: TrainingState, dist_info: DistInfo) -> N
 
 
 def _save_calibrated(args: argparse.Namespace, model: nn.Module, inputs: _Inputs, state: TrainingState,
-                     norm: dict[str, float], datasets: tuple[SliceDataset, SliceDataset],
+                     options: PreprocessOptions, datasets: tuple[SliceDataset, SliceDataset],
                      runtime: Runtime, noise: NoiseConfig) -> None:
     """Calibrate the label-free threshold on the healthy validation volumes and save the checkpoint."""
     from napari_tae.checkpoint import save_checkpoint
@@ -851,10 +876,10 @@ def _save_calibrated(args: argparse.Namespace, model: nn.Module, inputs: _Inputs
     train_set, val_set = datasets
     _logger.info("calibrating on %d healthy validation volume(s)", len(inputs.val))
     calibration = calibrate_model(model, inputs.val, lesion_masks=inputs.val_lesions, device=runtime.device,
-                                  kernel=args.calib_kernel, mode=args.calib_mode, norm=norm,
-                                  batch_size=args.batch_size)
-    preprocessing = {"normalisation": "per_volume", **norm, "img_size": int(model.img_size),
-                     "slice_axis": "axial", "brain_mask": "non_background",
+                                  kernel=args.calib_kernel, mode=args.calib_mode, options=options,
+                                  skull_strip=args.skull_strip, batch_size=args.batch_size)
+    preprocessing = {"normalisation": "per_volume", **options.to_dict(), "img_size": int(model.img_size),
+                     "slice_axis": "axial", "skull_strip": args.skull_strip,
                      "min_brain_fraction": args.min_brain_fraction}
     history = state.history
     training = {
@@ -898,9 +923,9 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     # same seed everywhere so every rank builds the same initial model (DDP also broadcasts it)
     torch.manual_seed(args.seed)
     model = _build(args)
-    norm = norm_settings(args.upper_percentile)
+    options = preprocess_options(args, int(model.img_size))
     runtime = Runtime(device, dist_info)
-    datasets = _load_datasets(args, inputs, int(model.img_size), norm, runtime)
+    datasets = _load_datasets(args, inputs, int(model.img_size), options, runtime)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     runtime.amp_ctx, runtime.scaler = amp_setup(device, args.amp)
@@ -914,7 +939,7 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     _fit(args, model, optimizer, *datasets, runtime, noise, state, state_path, log_dir)
     _ship_best(model, state, dist_info)
     if dist_info.is_main:
-        _save_calibrated(args, model, inputs, state, norm, datasets, runtime, noise)
+        _save_calibrated(args, model, inputs, state, options, datasets, runtime, noise)
     if dist_info.enabled:
         dist.barrier()
     return model
