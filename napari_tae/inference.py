@@ -246,10 +246,13 @@ def iter_reconstruct(
         model.train(was_training)
 
     reconstruction = prepared.grid.to_native(recon_model)
+    # brain beyond the model's field (wider than mm_per_px * size) was never seen: no residual
+    # there rather than the whole intensity as a false anomaly
+    seen = prepared.grid.to_native(np.ones((1, size, size), np.float32))[0] > 0.5
     return Reconstruction(
         normalised=prepared.normalised,
         reconstruction=reconstruction,
-        residual=residual_map(prepared.normalised, reconstruction, prepared.brain),
+        residual=residual_map(prepared.normalised, reconstruction, prepared.brain & seen),
         brain=prepared.brain,
         norm=prepared.norm,
         device=str(device),

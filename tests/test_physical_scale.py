@@ -144,3 +144,20 @@ def test_options_round_trip_and_refusals():
         PreprocessOptions.from_dict({"bias_correction": "yes"})
     with pytest.raises(ValueError, match="Voxel size"):
         prepare_volume(np.ones((2, 8, 8), np.float32), 8, spacing=(1.0, 0.0, 1.0))
+
+
+def test_brain_beyond_the_model_field_gets_no_residual():
+    import torch
+
+    from napari_tae.inference import reconstruct
+    from napari_tae.models import build_model
+
+    data, brain = _phantom((2, 200, 160), (3.0, 1.0, 1.0))  # 140 mm long brain, 96 mm field
+    model = build_model("intensity", img_size=64)
+    with torch.no_grad():
+        rec = reconstruct(model, data, brain=brain, spacing=(3.0, 1.0, 1.0),
+                          options=PreprocessOptions(mm_per_px=1.5), device="cpu")
+    rows = np.arange(200)[:, None] + 0.0 * np.arange(160)[None]
+    outside = brain[0] & (np.abs(rows - 99.5) > 50)  # beyond 48 mm from the centre
+    assert outside.any() and not rec.residual[0][outside].any()
+    assert rec.residual[0][brain[0] & ~outside].any()  # inside the field: the residual as usual
