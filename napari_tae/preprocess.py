@@ -456,12 +456,17 @@ def bias_correct(data: np.ndarray, mask: np.ndarray, spacing: Any = None) -> np.
     image.SetSpacing(spacing[::-1])
     mask_image = sitk.GetImageFromArray(fit_mask.astype(np.uint8))
     mask_image.CopyInformation(image)
-    shrink = [max(1, round(N4_FIT_MM / s)) for s in spacing[::-1]]
+    # never below 4 voxels along an axis (a volume of a few thick slices stays 3D for N4)
+    shrink = [max(1, min(round(N4_FIT_MM / s), n // 4)) for s, n in zip(spacing[::-1], image.GetSize())]
     small = sitk.Shrink(image, shrink)
     small_mask = sitk.Shrink(mask_image, shrink)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([50, 50, 50])  # three B-spline mesh levels
-    n4.Execute(small, small_mask)
+    try:
+        n4.Execute(small, small_mask)
+    except RuntimeError as exc:  # ITK's multi-line message: its last line says what went wrong
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"N4 bias correction failed ({lines[-1] if lines else exc}).") from None
     log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).astype(np.float32)
     return data / np.exp(log_field)
 

@@ -161,3 +161,27 @@ def test_brain_beyond_the_model_field_gets_no_residual():
     outside = brain[0] & (np.abs(rows - 99.5) > 50)  # beyond 48 mm from the centre
     assert outside.any() and not rec.residual[0][outside].any()
     assert rec.residual[0][brain[0] & ~outside].any()  # inside the field: the residual as usual
+
+
+def test_inference_follows_the_checkpoints_preprocessing():
+    from types import SimpleNamespace
+
+    from napari_tae.inference import reconstruct
+    from napari_tae.models import build_model
+
+    spacing = (3.0, 0.8, 0.8)
+    data, brain = _phantom((3, 240, 200), spacing)
+    yy = np.linspace(0.8, 1.25, 240, dtype=np.float32)[None, :, None]
+    data = data * yy  # a smooth bias field for N4 to remove
+    meta = SimpleNamespace(preprocessing={"normalisation": "per_volume", "mm_per_px": 1.5,
+                                          "bias_correction": "n4"})
+    model = build_model("intensity", img_size=128)
+    rec = reconstruct(model, data, brain=brain, meta=meta, spacing=spacing, device="cpu")
+    assert rec.options == PreprocessOptions(mm_per_px=1.5, bias_correction=True)
+    expected = prepare_volume(data, 128, mask=brain, spacing=spacing, options=rec.options)
+    np.testing.assert_allclose(rec.normalised, expected.normalised)
+    without_n4 = prepare_volume(data, 128, mask=brain, spacing=spacing,
+                                options=PreprocessOptions(mm_per_px=1.5))
+    assert np.abs(rec.normalised - without_n4.normalised).max() > 0.05
+    with pytest.raises(ValueError, match="voxel size"):
+        reconstruct(model, data, brain=brain, meta=meta, device="cpu")
