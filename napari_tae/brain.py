@@ -167,13 +167,14 @@ def resolve_brain_mask(
     supplied : ndarray, optional
         A brain mask (non-zero = brain); it wins over ``skull_strip``.
     skull_strip : {"auto", "always", "never"}
-        ``auto`` extracts the brain when :func:`unstripped_reason` finds the volume is a head;
+        ``auto`` extracts the brain when :func:`unstripped_reason` finds the volume is a head
+        (when deepbet finds no brain there, the non-background is used with a warning);
         ``never`` takes the non-background and warns (:class:`NotSkullStrippedWarning`) on a head.
 
     Raises
     ------
     BrainExtractionError
-        Unknown ``skull_strip`` or a failed extraction.
+        Unknown ``skull_strip``, or a failed extraction with ``skull_strip="always"``.
     ValueError
         From :func:`~napari_tae.preprocess.brain_mask` (shape mismatch, empty mask).
     """
@@ -184,14 +185,20 @@ def resolve_brain_mask(
     if supplied is not None:
         return BrainMask(brain_mask(data, supplied), "supplied")
     reason = unstripped_reason(data, spacing) or ""
-    if skull_strip == "always" or (skull_strip == "auto" and reason):
-        if reason:
-            _logger.info("not skull-stripped (%s): extracting the brain with deepbet", reason)
+    if skull_strip == "always":
         return BrainMask(extract_brain(data, spacing), "deepbet", reason)
+    if skull_strip == "auto" and reason:
+        _logger.info("not skull-stripped (%s): extracting the brain with deepbet", reason)
+        try:
+            return BrainMask(extract_brain(data, spacing), "deepbet", reason)
+        except BrainExtractionError as exc:
+            # e.g. a small field of view holding only part of a brain: its corners are tissue,
+            # and there is no head for deepbet to find; asked for explicitly, the error stands
+            reason = f"{reason}, but {exc}"
     if reason:
         warnings.warn(
-            f"The input looks not skull-stripped ({reason}) and skull stripping is off; the "
-            "scalp will be taken for brain. Use skull_strip='auto' or supply a brain mask.",
+            f"The input looks not skull-stripped ({reason}); the non-background voxels are "
+            "taken for brain, scalp included. Supply a brain mask for reliable results.",
             NotSkullStrippedWarning,
             stacklevel=2,
         )

@@ -97,6 +97,14 @@ def test_extraction_failure_is_one_clear_error():
     with pytest.raises(BrainExtractionError, match="brain") as info:
         extract_brain(cube, (1.0, 1.0, 1.0))
     assert "\n" not in str(info.value)
+    # auto on a small field of view whose corners are tissue: no head to find, so the
+    # non-background is used, with a warning that says why
+    crop = np.random.default_rng(0).uniform(50, 100, (20, 30, 30)).astype(np.float32)
+    with pytest.warns(NotSkullStrippedWarning, match="corners.*but brain extraction found"):
+        fallback = resolve_brain_mask(crop, (2.0, 1.0, 1.0))
+    assert fallback.method == "non_background"
+    with pytest.raises(BrainExtractionError):
+        resolve_brain_mask(crop, (2.0, 1.0, 1.0), skull_strip="always")
 
 
 def test_n4_removes_a_smooth_bias_field(head):

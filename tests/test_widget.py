@@ -193,7 +193,8 @@ def test_run_twice_and_switch_layers(make_napari_viewer, qtbot, files):
     _wait_done(qtbot, widget, viewer)
     qtbot.wait(100)  # let a stale first run deliver (it must be dropped)
     assert len(_results(viewer)) == 3 and _results(viewer, "other") == []
-    assert len([ly for ly in viewer.layers if ly.name.startswith("flair ")]) == 3
+    # the three results and the brain mask the run used
+    assert len([ly for ly in viewer.layers if ly.name.startswith("flair ")]) == 4
     assert viewer.layers["flair anomaly mask"].data.shape == layer.data.shape
 
     # run on "other", then remove it mid-run: result discarded, no exception
