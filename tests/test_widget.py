@@ -730,6 +730,7 @@ def test_brain_mask_layer_is_editable_and_used_by_the_next_run(make_napari_viewe
     assert brain_layer.__class__.__name__ == "Labels"
     np.testing.assert_array_equal(brain_layer.data > 0, widget._active.brain)
     np.testing.assert_allclose(brain_layer.scale, layer.scale)
+    assert brain_layer.metadata[GEOMETRY_KEY] is layer.metadata[GEOMETRY_KEY]  # saved on its grid
     assert widget.mask_combo.currentText() == "flair brain mask"
     assert "brain mask: non-background" in widget.status.text()
     # the user erases the right half of the brain, then re-runs: the run uses the edited mask
