@@ -723,7 +723,7 @@ def test_layer_context_menu_docks_the_widget(make_napari_viewer, files):
 =======
 =======
 def test_brain_mask_layer_is_editable_and_used_by_the_next_run(make_napari_viewer, files):
-    viewer, widget, layer, vol = _widget(make_napari_viewer, files, synchronous=True)
+    viewer, widget, layer, _ = _widget(make_napari_viewer, files, synchronous=True)
     widget.kernel_spin.setValue(1)
     widget.run()
     brain_layer = viewer.layers["flair brain mask"]
@@ -744,7 +744,7 @@ def test_brain_mask_layer_is_editable_and_used_by_the_next_run(make_napari_viewe
     assert not viewer.layers["flair residual"].data[..., edited.shape[-1] // 2:].any()
     assert "brain mask: supplied" in widget.status.text()
     # another input does not inherit this input's brain mask
-    other, _ = _add_volume(viewer, files["flair"], name="other")
+    _add_volume(viewer, files["flair"], name="other")
     widget.image_combo.setCurrentText("other")
     assert widget.mask_combo.currentIndex() == 0
 >>>>>>> e41d5f4 (Brain extraction for heads (napari_tae.brain: deepbet on the CPU, a not-skull-stripped check that works on zero backgrounds, skull_strip auto/always/never) in the one preprocessing path of the CLI, the widget, training and evaluation; segment --skull-strip and <name>_brain.nii.gz; the widget shows the brain mask as an editable Labels layer used by the next run; training records mm_per_px, N4 and skull_strip in the checkpoint)
