@@ -380,7 +380,6 @@ def test_calibrated_squash_above_20_percent_is_not_clamped(make_napari_viewer, f
     assert widget.squash_slider.value() == pytest.approx(34.9)
 
 
-<<<<<<< HEAD
 @pytest.mark.parametrize("value", [float("nan"), 250.0])
 def test_checkpoint_with_a_calibration_outside_a_percentage_is_refused_not_clamped(
         make_napari_viewer, files, tmp_path, value):
@@ -393,7 +392,6 @@ def test_checkpoint_with_a_calibration_outside_a_percentage_is_refused_not_clamp
     assert not widget.load_checkpoint_file(str(broken))
     assert str(broken) in widget.status.text() and "not a percentage" in widget.status.text()
     assert (widget.checkpoint_spec(), widget.squash_slider.value(), widget.squash_slider.maximum()) == before
-<<<<<<< HEAD
 
 
 # ------------------------------------------------------------------------------------- display
@@ -720,8 +718,8 @@ def test_layer_context_menu_docks_the_widget(make_napari_viewer, files):
     find_anomalies(viewer)  # the docked widget is reused
     docked = [w for w in viewer.window.dock_widgets.values() if isinstance(w, AnomalyWidget)]
     assert len(docked) == 1 and docked[0].image_layer() is second
-=======
-=======
+
+
 def test_brain_mask_layer_is_editable_and_used_by_the_next_run(make_napari_viewer, files):
     viewer, widget, layer, _ = _widget(make_napari_viewer, files, synchronous=True)
     widget.kernel_spin.setValue(1)
@@ -747,5 +745,3 @@ def test_brain_mask_layer_is_editable_and_used_by_the_next_run(make_napari_viewe
     _add_volume(viewer, files["flair"], name="other")
     widget.image_combo.setCurrentText("other")
     assert widget.mask_combo.currentIndex() == 0
->>>>>>> e41d5f4 (Brain extraction for heads (napari_tae.brain: deepbet on the CPU, a not-skull-stripped check that works on zero backgrounds, skull_strip auto/always/never) in the one preprocessing path of the CLI, the widget, training and evaluation; segment --skull-strip and <name>_brain.nii.gz; the widget shows the brain mask as an editable Labels layer used by the next run; training records mm_per_px, N4 and skull_strip in the checkpoint)
->>>>>>> 3ec3f77 (Brain extraction for heads (napari_tae.brain: deepbet on the CPU, a not-skull-stripped check that works on zero backgrounds, skull_strip auto/always/never) in the one preprocessing path of the CLI, the widget, training and evaluation; segment --skull-strip and <name>_brain.nii.gz; the widget shows the brain mask as an editable Labels layer used by the next run; training records mm_per_px, N4 and skull_strip in the checkpoint)
