@@ -429,7 +429,7 @@ def one_process(inputs, tiny_checkpoint, tmp_path_factory) -> dict[str, np.ndarr
 
 def _assert_same_voxels(out_dir: Path, expected: dict[str, np.ndarray]) -> None:
     found = _volumes(out_dir)
-    assert sorted(found) == sorted(expected) and len(found) == 15
+    assert sorted(found) == sorted(expected) and len(found) == 20  # 5 cases x 4 volumes
     for name, data in expected.items():
         np.testing.assert_array_equal(found[name], data, err_msg=name)
 
