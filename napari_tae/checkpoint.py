@@ -236,6 +236,12 @@ def _validate_meta(path: Path, d: Any) -> CheckpointMeta:
         raise CheckpointError(path, f"unknown model {d['model_name']!r} (known: {', '.join(list_models())})")
     if d["config"].get("img_size", d["img_size"]) != d["img_size"]:
         raise CheckpointError(path, f"img_size {d['img_size']} disagrees with config img_size {d['config']['img_size']}")
+    from .preprocess import PreprocessOptions
+
+    try:  # refused here, naming the file, rather than at the first volume
+        PreprocessOptions.from_dict(d["preprocessing"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid preprocessing metadata: {exc}") from None
     return CheckpointMeta.from_dict(d)
 
 

@@ -3,11 +3,12 @@
 ``napari-tae segment`` runs the same code path as the plugin (:func:`napari_tae.inference.segment`,
 Ghorbel et al., "Transformer based Models for Unsupervised Anomaly Segmentation in Brain MR Images",
 BrainLes 2022, https://arxiv.org/abs/2207.02059) on many NIfTI files or DICOM series and writes,
-per input, the reconstruction, residual and mask on the input's grid, a lesion table and a
-provenance record; for a DICOM series also a DICOM SEG of the mask referencing it. Each input's
+per input, the reconstruction, residual, anomaly mask and the brain mask used on the input's grid,
+a lesion table and a provenance record; for a DICOM series also a DICOM SEG of the mask referencing it. Each input's
 outputs are committed as one set (:mod:`napari_tae.batch`, rules in ``docs/batch.md``).
 ``napari-tae models`` lists the model zoo and the bundled checkpoints; ``napari-tae demo`` opens
-napari with the sample volume and the anomaly widget.
+napari with the sample volume and the anomaly widget. Heads that are not skull-stripped get a
+brain mask from deepbet (``--skull-strip``, :mod:`napari_tae.brain`).
 
 Heavy modules (torch, napari) are imported inside the subcommands so ``--help`` stays instant.
 """
@@ -30,6 +31,7 @@ import numpy as np
 from napari_tae import batch, dicom
 from napari_tae._atomic import FileSet
 from napari_tae.batch import Case, CaseResult
+from napari_tae.brain import SKULL_STRIP_CHOICES
 from napari_tae.export import OUTPUT_KINDS
 from napari_tae.io import (
     NIFTI_SUFFIXES,
@@ -216,7 +218,7 @@ class Segmenter:
     """The per-case work of ``napari-tae segment`` (a :class:`napari_tae.batch.CaseWork`).
 
     Loads the model once per process; :meth:`__call__` segments one input and writes its
-    reconstruction, residual, mask and lesion table into the case's file set.
+    reconstruction, residual, mask, brain mask and lesion table into the case's file set.
     """
 
     def __init__(self, args: argparse.Namespace, loaded: tuple[Any, Any, Path | None] | None = None) -> None:
@@ -237,6 +239,7 @@ class Segmenter:
             "score": args.score,
             "min_size": args.min_size,
             "brain_mask_sha256": None if brain is None else _digest(brain),
+            "skull_strip": args.skull_strip,
         }
 
     def __call__(self, case: Case, files: FileSet) -> dict[str, Any]:
@@ -250,8 +253,8 @@ class Segmenter:
             volume = dicom.load_series(case.series) if case.series is not None else load_volume(case.source)
             brain = _brain_mask_for(_brain_mask_file(case, args.brain_mask), case, volume.geometry)
             result = segment(volume, self.model, self.meta, kernel=args.median_kernel, squash=args.squash,
-                             mode=args.median_mode, min_size=args.min_size, brain=brain, device=args.device,
-                             score=args.score)
+                             mode=args.median_mode, min_size=args.min_size, brain=brain,
+                             skull_strip=args.skull_strip, device=args.device, score=args.score)
         # a warning (e.g. not skull-stripped) is about this file: say which, on one line
         for warning in caught:
             _logger.warning("%s: %s", case.source, str(warning.message).splitlines()[0])
@@ -261,6 +264,8 @@ class Segmenter:
         save_volume(result.residual, geometry, files.temporary("residual"), overwrite=True)
         save_volume(result.score, geometry, files.temporary("score"), overwrite=True)
         save_volume(result.mask, geometry, files.temporary("mask"), labels=True, overwrite=True)
+        # the brain mask used, so a user can check it, correct it and pass it back with --brain-mask
+        save_volume(result.brain, geometry, files.temporary("brain"), labels=True, overwrite=True)
         write_lesion_csv(result.lesions, files.temporary("lesions"))
         settings = dict(result.settings)
         settings.setdefault("device", args.device)
@@ -546,9 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
         "segment",
         parents=[common],
         help="segment NIfTI files, folders of them or DICOM series headlessly",
-        description="For each input writes <name>_reconstruction/_residual/_score/_mask.nii.gz on "
-        "the input's grid (the score is what the mask thresholds, before the median), "
-        "<name>_lesions.csv and <name>_provenance.json; a DICOM series also gets "
+        description="For each input writes <name>_reconstruction/_residual/_score/_mask/_brain.nii.gz "
+        "on the input's grid (the score is what the mask thresholds, before the median; the brain "
+        "mask is the one used), <name>_lesions.csv and <name>_provenance.json; a DICOM series also gets "
         "<name>_mask.seg.dcm (DICOM SEG referencing the series), <name> being its "
         "SeriesDescription or folder name. An input's outputs are written as one set: complete or "
         "absent. Complete sets made with the same settings are skipped, those a killed run left "
@@ -579,7 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--brain-mask",
         metavar="FILE_OR_DIR",
         help="brain mask NIfTI for every input, or a folder of masks named like the inputs "
-        "(default: voxels differing from the background value)",
+        "(default: see --skull-strip)",
+    )
+    io_group.add_argument(
+        "--skull-strip",
+        choices=SKULL_STRIP_CHOICES,
+        default="auto",
+        help="brain extraction with deepbet: auto (default) only for heads that are not "
+        "skull-stripped, always, or never (the non-background voxels are the brain)",
     )
     model_group = seg.add_argument_group("model")
     model_group.add_argument(

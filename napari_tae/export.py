@@ -42,6 +42,7 @@ OUTPUT_KINDS = {
     "residual": "_residual.nii.gz",
     "score": "_score.nii.gz",  # what the mask thresholds, before the median (napari_tae.scores)
     "mask": "_mask.nii.gz",
+    "brain": "_brain.nii.gz",  # the brain mask used (supplied, deepbet's or the non-background)
     "lesions": "_lesions.csv",
     "seg": "_mask.seg.dcm",  # DICOM inputs only: the mask as a DICOM SEG referencing the series
     "provenance": "_provenance.json",

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .brain import resolve_brain_mask
 from .options import DEVICE_CHOICES
 from .postprocess import anomaly_mask, lesion_table
 from .postprocess import residual as residual_map
-from .preprocess import NormParams, brain_mask, norm_from_settings, prepare_volume
+from .preprocess import NormParams, PreprocessOptions, prepare_volume
 from .scores import default_score, label_free_squash, score_spec
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "default_squash",
     "inference_job",
     "iter_reconstruct",
-    "norm_from_meta",
     "reconstruct",
     "segment",
     "select_device",
@@ -105,7 +105,8 @@ def select_device(preference: str | torch.device = "auto") -> torch.device:
 class Reconstruction:
     """Model output on the native grid of the input volume.
 
-    ``normalised``, ``reconstruction`` and ``residual`` are (Z, Y, X) float32; ``brain`` is bool.
+    ``normalised``, ``reconstruction`` and ``residual`` are (Z, Y, X) float32; ``brain`` is bool
+    and ``brain_method`` says where it came from (:class:`napari_tae.brain.BrainMask`).
     ``device`` and ``batch_size`` record what the run ended up using (after any OOM fallback).
     """
 
@@ -116,6 +117,8 @@ class Reconstruction:
     norm: NormParams
     device: str = "cpu"
     batch_size: int = 0
+    brain_method: str = "supplied"
+    options: PreprocessOptions = field(default_factory=PreprocessOptions)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -156,6 +159,9 @@ def iter_reconstruct(
     brain: np.ndarray | None = None,
     norm: NormParams | None = None,
     meta: Any = None,
+    spacing: Any = None,
+    skull_strip: str = "auto",
+    options: PreprocessOptions | None = None,
     device: str | torch.device = "auto",
     batch_size: int = 8,
     amp: bool = True,
@@ -170,10 +176,18 @@ def iter_reconstruct(
     Args:
         model: A :class:`~napari_tae.models.ReconstructionModel` (needs ``img_size``).
         volume_data: (Z, Y, X) FLAIR volume in napari order, raw intensities.
-        brain: Optional brain mask (non-zero = brain); else guessed by ``prepare_volume``.
-        norm: Normalisation to use; else the one ``meta`` asks for (:func:`norm_from_meta`),
-            else fitted on this volume's brain with the defaults.
-        meta: The checkpoint's :class:`~napari_tae.checkpoint.CheckpointMeta`, or None.
+        brain: Optional brain mask (non-zero = brain); else
+            :func:`napari_tae.brain.resolve_brain_mask` with ``skull_strip``.
+        norm: Normalisation to use; else the checkpoint's fixed one, else fitted on this
+            volume's brain with the checkpoint's percentiles.
+        meta: The checkpoint's :class:`~napari_tae.checkpoint.CheckpointMeta`, or None; its
+            preprocessing metadata gives ``options`` when they are not given.
+        spacing: (Z, Y, X) voxel size in mm, for brain extraction, bias correction and the
+            checkpoint's physical pixel size; required by checkpoints with ``mm_per_px``
+            (None: 1 mm for the others).
+        skull_strip: ``"auto"``, ``"always"`` or ``"never"`` (ignored when ``brain`` is given).
+        options: :class:`~napari_tae.preprocess.PreprocessOptions` overriding ``meta``'s
+            (training's calibration passes the run's own).
         device: See :func:`select_device`.
         batch_size: Slices per forward pass (upper bound, halves on OOM).
         amp: bfloat16 autocast on CUDA (ignored elsewhere).
@@ -189,10 +203,16 @@ def iter_reconstruct(
     batch_size = int(batch_size)
     size = int(model.img_size)
     device = select_device(device)
-    if norm is None and meta is not None:
-        brain = brain_mask(volume_data, brain)
-        norm = norm_from_meta(volume_data, brain, meta)
-    prepared = prepare_volume(volume_data, size, mask=brain, norm=norm)
+    options = options or PreprocessOptions.from_meta(meta)
+    if spacing is None and options.mm_per_px is not None:
+        # a silent 1 mm guess would show the model the brain at the wrong scale
+        raise ValueError(
+            f"the checkpoint works at {options.mm_per_px:g} mm per pixel: the voxel size "
+            "(spacing) of the volume is needed"
+        )
+    resolved = resolve_brain_mask(volume_data, spacing, supplied=brain, skull_strip=skull_strip)
+    prepared = prepare_volume(volume_data, size, mask=resolved.mask, norm=norm, spacing=spacing,
+                              options=options)
     total = prepared.slices.shape[0]
     todo = np.flatnonzero(prepared.brain.reshape(total, -1).any(axis=1))
     # private output buffer: nothing outside this run sees it before it is complete
@@ -228,14 +248,19 @@ def iter_reconstruct(
         model.train(was_training)
 
     reconstruction = prepared.grid.to_native(recon_model)
+    # brain beyond the model's field (wider than mm_per_px * size) was never seen: no residual
+    # there rather than the whole intensity as a false anomaly
+    seen = prepared.grid.to_native(np.ones((1, size, size), np.float32))[0] > 0.5
     return Reconstruction(
         normalised=prepared.normalised,
         reconstruction=reconstruction,
-        residual=residual_map(prepared.normalised, reconstruction, prepared.brain),
+        residual=residual_map(prepared.normalised, reconstruction, prepared.brain & seen),
         brain=prepared.brain,
         norm=prepared.norm,
         device=str(device),
         batch_size=batch_size,
+        brain_method=resolved.method,
+        options=options,
     )
 
 
@@ -274,17 +299,6 @@ class Segmentation:
     score: np.ndarray | None = None
 
 
-def norm_from_meta(data: np.ndarray, brain: np.ndarray, meta: Any) -> NormParams | None:
-    """Normalisation a checkpoint asks for, to pass to :func:`iter_reconstruct` as ``norm``.
-
-    Training records ``{"normalisation": "per_volume", "upper_percentile": p, ...}``: the window
-    is fitted on this volume's own brain with the checkpoint's percentiles. Fixed ``low``/``high``
-    numbers are used as they are only when the normalisation is not per volume. None (no meta, or
-    no settings) lets :func:`~napari_tae.preprocess.prepare_volume` fit its defaults.
-    """
-    return norm_from_settings(data, brain, getattr(meta, "preprocessing", None) or {})
-
-
 def default_squash(meta: Any, score: str | None = None, kernel: int = 5, mode: str = "2d") -> tuple[float, str]:
     """The checkpoint's calibrated squash (percent) for a score (None: its default) and median, and
     its source; else 1 % (the paper's S_1%). :func:`segment` falls back to a per-scan threshold
@@ -302,6 +316,7 @@ def segment(
     mode: str = "2d",
     min_size: int = 0,
     brain: np.ndarray | None = None,
+    skull_strip: str = "auto",
     device: str | torch.device = "auto",
     batch_size: int = 8,
     amp: bool = True,
@@ -320,8 +335,8 @@ def segment(
             value for this score, kernel and mode, else a per-scan robust one
             (:func:`napari_tae.scores.label_free_squash`).
         min_size: Smallest connected component kept, in voxels.
-        brain: Optional brain mask; else guessed from the background.
-        device, batch_size, amp: As in :func:`iter_reconstruct`.
+        brain: Optional brain mask; else :func:`napari_tae.brain.resolve_brain_mask`.
+        skull_strip, device, batch_size, amp: As in :func:`iter_reconstruct`.
         score: ``"residual"``, ``"fused"`` or ``"prior"`` (None: the checkpoint's default).
 
     Raises:
@@ -335,7 +350,8 @@ def segment(
 
     t0 = time.perf_counter()
     rec = reconstruct(
-        model, data, brain=brain, meta=meta, device=device, batch_size=batch_size, amp=amp
+        model, data, brain=brain, meta=meta, spacing=spacing, skull_strip=skull_strip,
+        device=device, batch_size=batch_size, amp=amp,
     )
     t1 = time.perf_counter()
     values = spec.compute(rec.normalised, rec.residual, rec.brain)
@@ -354,7 +370,9 @@ def segment(
         "checkpoint_sha256": getattr(meta, "sha256", None),
         "img_size": int(model.img_size),
         "normalisation": rec.norm.to_dict(),
-        "brain_mask": "supplied" if brain is not None else "auto",
+        "brain_mask": rec.brain_method,
+        "skull_strip": skull_strip,
+        "preprocessing": rec.options.to_dict(),
         "median_kernel": int(kernel),
         "median_mode": mode,
         "squash": float(squash),
@@ -387,6 +405,8 @@ def inference_job(
     data: np.ndarray,
     *,
     brain: np.ndarray | None = None,
+    spacing: Any = None,
+    skull_strip: str = "auto",
     device: str = "auto",
     batch_size: int = 8,
 ) -> Generator[tuple[int, int], None, tuple[Any, Any, str]]:
@@ -402,6 +422,7 @@ def inference_job(
     # meta: the checkpoint's normalisation, as the headless inference.segment uses it, so the
     # widget and the CLI give identical masks
     rec = yield from iter_reconstruct(
-        model, data, brain=brain, meta=meta, device=dev, batch_size=batch_size
+        model, data, brain=brain, meta=meta, spacing=spacing, skull_strip=skull_strip,
+        device=dev, batch_size=batch_size,
     )
     return rec, meta, str(dev)

@@ -429,8 +429,8 @@ def one_process(inputs, tiny_checkpoint, tmp_path_factory) -> dict[str, np.ndarr
 
 def _assert_same_voxels(out_dir: Path, expected: dict[str, np.ndarray]) -> None:
     found = _volumes(out_dir)
-    # 5 cases x their NIfTI outputs: reconstruction, residual, score and mask
-    assert sorted(found) == sorted(expected) and len(found) == 5 * 4
+    # 5 cases x their NIfTI outputs: reconstruction, residual, score, mask and brain mask
+    assert sorted(found) == sorted(expected) and len(found) == 5 * 5
     for name, data in expected.items():
         np.testing.assert_array_equal(found[name], data, err_msg=name)
 

@@ -214,6 +214,11 @@ def test_refuses_broken_metadata_fields(tmp_path):
     _refused(bad, "disagrees with config", meta_only=True)
     bad = _rewrite(path, tmp_path / "c.safetensors", lambda m: m["config"].update(patch_size=7))
     _refused(bad, "config does not build model 'b_tae'")
+    bad = _rewrite(path, tmp_path / "p.safetensors", lambda m: m["preprocessing"].update(mm_per_px=-1))
+    _refused(bad, "invalid preprocessing metadata: mm_per_px", meta_only=True)
+    bad = _rewrite(path, tmp_path / "n.safetensors",
+                   lambda m: m["preprocessing"].update(bias_correction="maybe"))
+    _refused(bad, "invalid preprocessing metadata: Unknown bias_correction", meta_only=True)
 
 
 def test_refuses_weights_that_do_not_fit_the_config(tmp_path):

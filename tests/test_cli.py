@@ -290,6 +290,33 @@ def test_warning_names_the_file_on_one_line(tmp_path, capsys):
     head += rng.normal(20, 3, head.shape).astype(np.float32)  # noisy background: skull not stripped
     path = tmp_path / "with_skull.nii.gz"
     nib.save(nib.Nifti1Image(head, np.eye(4)), path)
-    assert main(["segment", str(path), "-m", "intensity", "-o", str(tmp_path / "out")]) == 0
+    assert main(["segment", str(path), "-m", "intensity", "-o", str(tmp_path / "out"),
+                 "--skull-strip", "never"]) == 0
     warned = _logged(capsys, "WARNING")
     assert any(m.startswith(str(path)) and "skull-stripped" in m for m in warned), warned
+
+
+def test_skull_strip_writes_the_brain_mask_used(tmp_path):
+    """A head on a zero background: auto finds it unstripped, deepbet's mask is written and used."""
+    from napari_tae.io import load_volume
+    from napari_tae.synthetic import healthy_subject
+    from napari_tae.synthetic_head import add_head
+
+    subject = healthy_subject(3, shape=(96, 112, 96))
+    head = add_head(subject, 3)
+    path = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(head.data, head.affine), path)
+    truth = head.brain.transpose(2, 1, 0)  # napari order, as load_volume gives
+    out = tmp_path / "auto"
+    assert main(["-q", "segment", str(path), "-m", "intensity", "-o", str(out)]) == 0
+    brain = load_volume(out / "head_brain.nii.gz").data > 0
+    assert 2 * np.count_nonzero(brain & truth) / (brain.sum() + truth.sum()) > 0.9
+    mask = load_volume(out / "head_mask.nii.gz").data > 0
+    assert not (mask & ~brain).any()
+    settings = json.loads((out / "head_provenance.json").read_text())["settings"]
+    assert settings["brain_mask"] == "deepbet" and settings["skull_strip"] == "auto"
+    # never: the whole head is taken for brain (and the user is warned)
+    assert main(["-q", "segment", str(path), "-m", "intensity", "-o", str(tmp_path / "never"),
+                 "--skull-strip", "never"]) == 0
+    whole = load_volume(tmp_path / "never" / "head_brain.nii.gz").data > 0
+    np.testing.assert_array_equal(whole, load_volume(path).data > 0)

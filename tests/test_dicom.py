@@ -543,7 +543,7 @@ def test_cli_segments_a_series_and_writes_its_seg(flair_case, tmp_path):
     assert main([*args, str(flair_case["folder"]), "--series", flair.uid]) == 0
     assert (out / f"AX_FLAIR{SEG_SUFFIX}").stat().st_mtime_ns == stamp
     record = json.loads((out / "AX_FLAIR_provenance.json").read_text())
-    assert set(record["files"]) == {"reconstruction", "residual", "score", "mask", "lesions", "seg"}
+    assert set(record["files"]) == {"reconstruction", "residual", "score", "mask", "brain", "lesions", "seg"}
 
 
 def test_cli_dicom_folder_without_image_series_fails_by_name(flair_case, tmp_path, capsys):

@@ -272,16 +272,16 @@ def test_segment_with_saved_checkpoint(volume, model, tmp_path):
     np.testing.assert_array_equal(seg.mask, direct.mask)
 
 
-def test_norm_from_meta_and_default_squash(volume):
-    from napari_tae.inference import default_squash, norm_from_meta
-    from napari_tae.preprocess import NormParams
+def test_preprocess_options_from_meta_and_default_squash(volume):
+    from napari_tae.inference import default_squash
+    from napari_tae.preprocess import NormParams, PreprocessOptions
 
-    brain = volume != 0
-    assert norm_from_meta(volume, brain, None) is None
+    assert PreprocessOptions.from_meta(None) == PreprocessOptions()
     per_volume = SimpleNamespace(preprocessing={"normalisation": "per_volume", "upper_percentile": 98.0})
-    assert norm_from_meta(volume, brain, per_volume) == fit_normalisation(volume, brain, 98.0)
+    options = PreprocessOptions.from_meta(per_volume)
+    assert options.upper_percentile == 98.0 and options.fixed_norm is None
     fixed = SimpleNamespace(preprocessing={"normalisation": "fixed", "low": 10.0, "high": 500.0})
-    assert norm_from_meta(volume, brain, fixed) == NormParams(10.0, 500.0, 99.5, 0.5)
+    assert PreprocessOptions.from_meta(fixed).fixed_norm == NormParams(10.0, 500.0, 99.5, 0.5)
     assert default_squash(None) == (1.0, "paper default")
     assert default_squash(SimpleNamespace(calibration={})) == (1.0, "paper default")
     assert default_squash(SimpleNamespace(calibration={"default": 2.5})) == (2.5, "calibrated")

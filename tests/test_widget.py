@@ -193,8 +193,8 @@ def test_run_twice_and_switch_layers(make_napari_viewer, qtbot, files):
     _wait_done(qtbot, widget, viewer)
     qtbot.wait(100)  # let a stale first run deliver (it must be dropped)
     assert len(_results(viewer)) == 3 and _results(viewer, "other") == []
-    # reconstruction, residual, score and mask, once each
-    assert len([ly for ly in viewer.layers if ly.name.startswith("flair ")]) == 4
+    # reconstruction, residual, score and mask, once each, and the brain mask the run used
+    assert len([ly for ly in viewer.layers if ly.name.startswith("flair ")]) == 5
     assert viewer.layers["flair anomaly mask"].data.shape == layer.data.shape
 
     # run on "other", then remove it mid-run: result discarded, no exception
@@ -771,3 +771,30 @@ def test_score_kernel_and_mode_move_the_squash_to_the_calibration_table(make_nap
                                                                   state.brain, weight=1.0))
     assert widget.squash_slider.value() == pytest.approx(value("fused", 7, "3d"))
     assert widget._active.post.score == "fused"
+
+
+def test_brain_mask_layer_is_editable_and_used_by_the_next_run(make_napari_viewer, files):
+    viewer, widget, layer, _ = _widget(make_napari_viewer, files, synchronous=True)
+    widget.kernel_spin.setValue(1)
+    widget.run()
+    brain_layer = viewer.layers["flair brain mask"]
+    assert brain_layer.__class__.__name__ == "Labels"
+    np.testing.assert_array_equal(brain_layer.data > 0, widget._active.brain)
+    np.testing.assert_allclose(brain_layer.scale, layer.scale)
+    assert brain_layer.metadata[GEOMETRY_KEY] is layer.metadata[GEOMETRY_KEY]  # saved on its grid
+    assert widget.mask_combo.currentText() == "flair brain mask"
+    assert "brain mask: non-background" in widget.status.text()
+    # the user erases the right half of the brain, then re-runs: the run uses the edited mask
+    edited = brain_layer.data.copy()
+    edited[..., edited.shape[-1] // 2:] = 0
+    brain_layer.data = edited
+    n_layers = len(viewer.layers)
+    widget.run()
+    assert len(viewer.layers) == n_layers and viewer.layers["flair brain mask"] is brain_layer
+    np.testing.assert_array_equal(widget._active.brain, edited > 0)
+    assert not viewer.layers["flair residual"].data[..., edited.shape[-1] // 2:].any()
+    assert "brain mask: supplied" in widget.status.text()
+    # another input does not inherit this input's brain mask
+    _add_volume(viewer, files["flair"], name="other")
+    widget.image_combo.setCurrentText("other")
+    assert widget.mask_combo.currentIndex() == 0

@@ -40,11 +40,12 @@ _logger = logging.getLogger("training.calibrate")
 ANOMALY_KINDS = ("ms", "tumour")
 
 
-def _reconstruct(model, data: np.ndarray, preprocessing: dict[str, Any], device, batch_size: int):
+def _reconstruct(model, data: np.ndarray, spacing, preprocessing: dict[str, Any], device, batch_size: int):
     from napari_tae.inference import reconstruct
 
-    # the plugin's path: brain from the background, normalisation as the checkpoint records it
-    return reconstruct(model, data, meta=SimpleNamespace(preprocessing=preprocessing), device=device,
+    # the plugin's path: brain extraction, normalisation and pixel size as the checkpoint records them
+    return reconstruct(model, data, meta=SimpleNamespace(preprocessing=preprocessing), spacing=spacing,
+                       skull_strip=preprocessing.get("skull_strip", "auto"), device=device,
                        batch_size=batch_size)
 
 
@@ -117,15 +118,16 @@ def calibrate_detector(
     healthy_rec, anomalous = [], []
     for i, (path, lesion_path) in enumerate(zip(healthy, lesion_masks)):
         volume = load_volume(path)
-        rec = _reconstruct(model, volume.data, preprocessing, device, batch_size)
+        spacing = tuple(volume.geometry.spacing)
+        rec = _reconstruct(model, volume.data, spacing, preprocessing, device, batch_size)
         brain = np.asarray(rec.brain, bool)
         if lesion_path is not None:
             brain = brain & ~(load_mask(lesion_path).data > 0)
         healthy_rec.append((rec.normalised, rec.residual, brain))
         if not parameter_free:
             data, labels = add_anomalies(np.where(rec.brain, volume.data, 0), seed + i, ANOMALY_KINDS,
-                                         brain=rec.brain, spacing=tuple(volume.geometry.spacing))
-            anomalous.append((_reconstruct(model, data, preprocessing, device, batch_size), labels > 0))
+                                         brain=rec.brain, spacing=spacing)
+            anomalous.append((_reconstruct(model, data, spacing, preprocessing, device, batch_size), labels > 0))
         _logger.info("calibration volume %d/%d: %s", i + 1, len(healthy), path.name)
 
     specs = [ScoreSpec("residual")]
@@ -204,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, OSError) as exc:
             raise InputError(str(exc).splitlines()[0]) from None
         if meta is None:  # the intensity baseline without its metadata file: the training defaults
-            from training.data import norm_settings
+            from napari_tae.preprocess import PreprocessOptions
 
-            preprocessing = {"normalisation": "per_volume", **norm_settings(), "img_size": int(model.img_size),
-                             "slice_axis": "axial", "brain_mask": "non_background"}
+            preprocessing = {"normalisation": "per_volume", **PreprocessOptions().to_dict(),
+                             "img_size": int(model.img_size), "slice_axis": "axial"}
             training = {"data": "no training: the normalised FLAIR is the anomaly score"}
         else:
             preprocessing, training = meta.preprocessing, dict(meta.training)

@@ -1,7 +1,9 @@
 """Training data: healthy FLAIR volumes -> preprocessed axial slices held in memory.
 
-Every slice goes through :func:`napari_tae.preprocess.prepare_volume`, the code path the plugin
-uses at inference, so the model is trained on exactly what it will be fed. Slices are stored once,
+Every slice goes through :func:`napari_tae.brain.resolve_brain_mask` and
+:func:`napari_tae.preprocess.prepare_volume`, the code path the plugin uses at inference, with the
+run's :class:`~napari_tae.preprocess.PreprocessOptions` (recorded in the checkpoint), so the model
+is trained on exactly what it will be fed. Slices are stored once,
 as float16 (half the memory of float32; its ~1e-3 relative error is far below the 1 % squash
 threshold), and batches are gathered by fancy indexing instead of per-item collation.
 """
@@ -19,7 +21,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from napari_tae.brain import resolve_brain_mask
 from napari_tae.io import is_nifti_path, nifti_files, nifti_stem
+from napari_tae.preprocess import PreprocessOptions, prepare_volume
 
 __all__ = [
     "InputError",
@@ -30,8 +34,6 @@ __all__ = [
     "VolumeSlices",
     "load_slices",
     "iter_batches",
-    "norm_settings",
-    "fit_volume_norm",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -205,16 +207,19 @@ def _load_lesion(path: Path, shape: tuple[int, ...], volume_path: Path) -> np.nd
 
 def load_slices(paths: Sequence[Path], img_size: int, *, min_brain_fraction: float = 0.1,
                 lesion_masks: Sequence[Path | None] | None = None,
-                norm: dict[str, float] | None = None) -> SliceDataset:
+                options: PreprocessOptions | None = None,
+                skull_strip: str = "auto") -> SliceDataset:
     """Load, preprocess and keep the usable slices of ``paths``.
 
     Args:
         paths: NIfTI volumes (healthy, or with ``lesion_masks``).
-        img_size: model input size S (slices are padded to square and resized to S x S).
+        img_size: model input size S.
         min_brain_fraction: drop slices whose brain area is below this fraction of the volume's
             largest axial brain area (top/bottom of the head, mostly background).
         lesion_masks: per volume a lesion mask (or None); slices touching a lesion are dropped.
-        norm: per-volume normalisation settings (:func:`norm_settings`; None = defaults).
+        options: the run's preprocessing (normalisation percentiles, mm per pixel, N4;
+            None = defaults).
+        skull_strip: as in :func:`napari_tae.brain.resolve_brain_mask`.
 
     Raises:
         InputError: a volume cannot be read (message names it), or nothing usable remains.
@@ -231,8 +236,10 @@ def load_slices(paths: Sequence[Path], img_size: int, *, min_brain_fraction: flo
             msg = str(exc)
             raise InputError(msg if str(path.name) in msg else f"{path}: {msg}") from None
         try:
-            prepared = _prepare(volume.data, img_size, norm)
-        except ValueError as exc:  # e.g. an empty brain mask
+            brain = resolve_brain_mask(volume.data, volume.geometry.spacing, skull_strip=skull_strip)
+            prepared = prepare_volume(volume.data, img_size, mask=brain.mask,
+                                      spacing=volume.geometry.spacing, options=options)
+        except ValueError as exc:  # e.g. an empty brain mask, a failed brain extraction
             raise InputError(f"{path}: {exc}") from None
         area = prepared.mask_slices.reshape(prepared.mask_slices.shape[0], -1).sum(axis=1)
         keep = area >= max(1, min_brain_fraction * area.max()) if area.max() > 0 else np.zeros_like(area, bool)
@@ -250,37 +257,6 @@ def load_slices(paths: Sequence[Path], img_size: int, *, min_brain_fraction: flo
         raise InputError(f"no usable slices in {len(paths)} volume(s) "
                          f"(first: {paths[0]}); is the brain empty or every slice excluded?")
     return SliceDataset(torch.cat(chunks), records)
-
-
-def norm_settings(upper_percentile: float | None = None,
-                  lower_percentile: float | None = None) -> dict[str, float]:
-    """Per-volume normalisation settings, defaults from :func:`fit_normalisation`'s signature."""
-    import inspect
-
-    from napari_tae.preprocess import fit_normalisation
-
-    params = inspect.signature(fit_normalisation).parameters
-    return {
-        "upper_percentile": float(params["upper_percentile"].default if upper_percentile is None
-                                  else upper_percentile),
-        "lower_percentile": float(params["lower_percentile"].default if lower_percentile is None
-                                  else lower_percentile),
-    }
-
-
-def fit_volume_norm(data: np.ndarray, settings: dict[str, float]):
-    """Brain mask and this volume's normalisation, fitted as the plugin fits it from a checkpoint."""
-    from napari_tae.preprocess import brain_mask, norm_from_settings
-
-    brain = brain_mask(data)
-    return brain, norm_from_settings(data, brain, settings)
-
-
-def _prepare(data: np.ndarray, img_size: int, settings: dict[str, float] | None):
-    from napari_tae.preprocess import prepare_volume
-
-    brain, norm = fit_volume_norm(data, settings or norm_settings())
-    return prepare_volume(data, size=img_size, mask=brain, norm=norm)
 
 
 def iter_batches(dataset: SliceDataset, indices: Sequence[int] | torch.Tensor,

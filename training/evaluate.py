@@ -144,17 +144,18 @@ def load_model(args: argparse.Namespace):
     return model, None, args.model
 
 
-def _load(path: Path, shape: tuple[int, ...] | None = None, what: str = "volume") -> np.ndarray:
+def _load(path: Path, shape: tuple[int, ...] | None = None, what: str = "volume"):
+    """The :class:`napari_tae.io.Volume` at ``path`` (its voxel size matters to the pipeline)."""
     from napari_tae.io import VolumeError, load_mask, load_volume
 
     try:
         # a label map may be empty (a lesion-free case); an image may not be constant
-        data = (load_volume(path) if what == "volume" else load_mask(path)).data
+        volume = load_volume(path) if what == "volume" else load_mask(path)
     except VolumeError as exc:
         raise InputError(str(exc)) from None
-    if shape is not None and data.shape != shape:
-        raise InputError(f"{path}: {what} shape {data.shape} does not match its volume's {shape}")
-    return data
+    if shape is not None and volume.data.shape != shape:
+        raise InputError(f"{path}: {what} shape {volume.data.shape} does not match its volume's {shape}")
+    return volume
 
 
 class _Scorer:
@@ -169,15 +170,16 @@ class _Scorer:
         self.model, self.meta, self.spec, self.cache = model, meta, spec, cache
         self.kernel, self.mode, self.device, self.batch_size = kernel, mode, device, batch_size
 
-    def __call__(self, data: np.ndarray, supplied_brain: np.ndarray | None, path: Path):
+    def __call__(self, image, supplied_brain: np.ndarray | None, path: Path):
         from napari_tae.inference import reconstruct
         from napari_tae.postprocess import median_filtered
 
         rec = self.cache.get(path) if self.cache is not None else None
         if rec is None:
             try:  # the brain mask and normalisation refuse volumes they cannot handle
-                rec = reconstruct(self.model, data, brain=supplied_brain, meta=self.meta,
-                                  device=self.device, batch_size=self.batch_size)
+                rec = reconstruct(self.model, image.data, brain=supplied_brain, meta=self.meta,
+                                  spacing=image.geometry.spacing, device=self.device,
+                                  batch_size=self.batch_size)
             except ValueError as exc:
                 raise InputError(f"{path}: {exc}") from None
             if self.cache is not None:
@@ -226,10 +228,11 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
     squashes: list[tuple[float, str]] = []
     labels_outside_brain = 0
     for i, (img, lab, msk, knd) in enumerate(zip(inputs.images, inputs.labels, inputs.masks, inputs.kinds)):
-        data = _load(img)
-        label = _load(lab, data.shape, "label") > 0
-        supplied = _load(msk, data.shape, "brain mask") if msk is not None else None
-        score, raw, rec = score_volume(data, supplied, img)
+        image = _load(img)
+        data = image.data
+        label = _load(lab, data.shape, "label").data > 0
+        supplied = _load(msk, data.shape, "brain mask").data if msk is not None else None
+        score, raw, rec = score_volume(image, supplied, img)
         brain = np.asarray(rec.brain, bool)
         volume_squash, squash_source = score_volume.squash(squash, raw, brain)
         squashes.append((volume_squash, squash_source))
@@ -249,7 +252,7 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
         if lesion_free.any():
             lesion_free_ssim.append(ssim_slices(rec.normalised[lesion_free], rec.reconstruction[lesion_free]))
         if knd is not None:
-            kind_map = np.rint(_load(knd, data.shape, "kinds map")).astype(np.int64)
+            kind_map = np.rint(_load(knd, data.shape, "kinds map").data).astype(np.int64)
             for k in np.unique(kind_map[kind_map > 0]):
                 acc = kind_acc.setdefault(int(k), BinnedScores(n_bins, spec.upper))
                 acc.update(score, kind_map == k, brain & ((kind_map == k) | ~label))
@@ -276,8 +279,9 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
     healthy_ssim: list[np.ndarray] = []
     fp_healthy = [0, 0]
     for path in inputs.healthy:
-        data = _load(path)
-        score, raw, rec = score_volume(data, None, path)
+        image = _load(path)
+        data = image.data
+        score, raw, rec = score_volume(image, None, path)
         brain = np.asarray(rec.brain, bool)
         volume_squash, squash_source = score_volume.squash(squash, raw, brain)
         squashes.append((volume_squash, squash_source))

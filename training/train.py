@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_tae._atomic import atomic_path
+from napari_tae.brain import SKULL_STRIP_CHOICES
 from napari_tae.io import error_line
 from napari_tae.options import MEDIAN_MODES, check_median_kernel
+from napari_tae.preprocess import DEFAULT_FIELD_MM, PreprocessOptions
 from napari_tae.scores import SCORES
 from training.data import (
     InputError,
@@ -45,7 +47,6 @@ from training.data import (
     configure_logging,
     iter_batches,
     load_slices,
-    norm_settings,
     pair_by_name,
     resolve_volumes,
     split_by_volume,
@@ -99,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "volume's largest axial brain area (default 0.1)")
     group.add_argument("--upper-percentile", type=float, default=None,
                        help="normalisation clip percentile (default: napari_tae.preprocess's)")
+    group.add_argument("--mm-per-px", type=float, default=None, metavar="MM",
+                       help="model pixel size in mm, recorded in the checkpoint (default: a "
+                            f"{DEFAULT_FIELD_MM:g} mm field over --img-size pixels)")
+    group.add_argument("--bias-correction", choices=("n4", "none"), default="n4",
+                       help="N4 bias-field correction inside the brain (default n4; "
+                            "docs/preprocessing.md)")
+    group.add_argument("--skull-strip", choices=SKULL_STRIP_CHOICES, default="auto",
+                       help="brain extraction of heads (default auto: only volumes that are "
+                            "not skull-stripped)")
     group.add_argument("--num-workers", type=int, default=0,
                        help="DataLoader workers (0: gather batches in-process; slices are in memory)")
 
@@ -507,6 +517,19 @@ def validate(model: nn.Module, dataset: SliceDataset, *, batch_size: int, runtim
 
 
 # --------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def preprocess_options(args: argparse.Namespace, img_size: int) -> PreprocessOptions:
+    """The run's preprocessing from its options; stored in the checkpoint for inference."""
+    defaults = PreprocessOptions()
+    upper = defaults.upper_percentile if args.upper_percentile is None else args.upper_percentile
+    mm_per_px = DEFAULT_FIELD_MM / img_size if args.mm_per_px is None else args.mm_per_px
+    return PreprocessOptions(upper_percentile=float(upper), mm_per_px=float(mm_per_px),
+                             bias_correction=args.bias_correction == "n4")
+
+
+# --------------------------------------------------------------------------------------------
 # Resume state
 
 
@@ -597,6 +620,8 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
         check_median_kernel(args.calib_kernel)
     except ValueError as exc:
         raise InputError(f"--calib-kernel: {exc}") from None
+    if args.mm_per_px is not None and not 0 < args.mm_per_px < math.inf:
+        raise InputError(f"--mm-per-px must be a positive number, got {args.mm_per_px}")
     if not 0 <= args.min_brain_fraction < 1:
         raise InputError(f"--min-brain-fraction must be in [0, 1), got {args.min_brain_fraction}")
     if not args.lr > 0:  # also rejects NaN (an infinite lr is allowed: it stops at the NaN check)
@@ -740,16 +765,18 @@ def _configure_backends(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _load_datasets(args: argparse.Namespace, inputs: _Inputs, img_size: int, norm: dict[str, float],
-                   runtime: Runtime) -> tuple[SliceDataset, SliceDataset]:
+def _load_datasets(args: argparse.Namespace, inputs: _Inputs, img_size: int,
+                   options: PreprocessOptions, runtime: Runtime) -> tuple[SliceDataset, SliceDataset]:
     """Training and validation slices through the shared preprocessing, on the GPU when they fit."""
     if runtime.dist_info.is_main:
         _logger.info("loading %d training and %d validation volumes at %d x %d",
                      len(inputs.train), len(inputs.val), img_size, img_size)
     train_set = load_slices(inputs.train, img_size, min_brain_fraction=args.min_brain_fraction,
-                            lesion_masks=inputs.train_lesions, norm=norm)
+                            lesion_masks=inputs.train_lesions, options=options,
+                            skull_strip=args.skull_strip)
     val_set = load_slices(inputs.val, img_size, min_brain_fraction=args.min_brain_fraction,
-                          lesion_masks=inputs.val_lesions, norm=norm)
+                          lesion_masks=inputs.val_lesions, options=options,
+                          skull_strip=args.skull_strip)
     if runtime.dist_info.is_main:
         _logger.info("%d training slices (%.0f MiB), %d validation slices", len(train_set),
                      train_set.slices.numel() * 2 / 2**20, len(val_set))
@@ -822,7 +849,7 @@ def _ship_best(model: nn.Module, state: TrainingState, dist_info: DistInfo) -> N
 
 
 def _save_calibrated(args: argparse.Namespace, model: nn.Module, inputs: _Inputs, state: TrainingState,
-                     norm: dict[str, float], datasets: tuple[SliceDataset, SliceDataset],
+                     options: PreprocessOptions, datasets: tuple[SliceDataset, SliceDataset],
                      runtime: Runtime, noise: NoiseConfig) -> None:
     """Calibrate the scores and label-free thresholds on the healthy validation volumes
     (:func:`training.calibrate.calibrate_detector`) and save the checkpoint."""
@@ -831,8 +858,8 @@ def _save_calibrated(args: argparse.Namespace, model: nn.Module, inputs: _Inputs
 
     train_set, val_set = datasets
     _logger.info("calibrating on %d healthy validation volume(s)", len(inputs.val))
-    preprocessing = {"normalisation": "per_volume", **norm, "img_size": int(model.img_size),
-                     "slice_axis": "axial", "brain_mask": "non_background",
+    preprocessing = {"normalisation": "per_volume", **options.to_dict(), "img_size": int(model.img_size),
+                     "slice_axis": "axial", "skull_strip": args.skull_strip,
                      "min_brain_fraction": args.min_brain_fraction}
     calibration, scores = calibrate_detector(
         model, inputs.val, preprocessing=preprocessing, lesion_masks=inputs.val_lesions,
@@ -880,9 +907,9 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     # same seed everywhere so every rank builds the same initial model (DDP also broadcasts it)
     torch.manual_seed(args.seed)
     model = _build(args)
-    norm = norm_settings(args.upper_percentile)
+    options = preprocess_options(args, int(model.img_size))
     runtime = Runtime(device, dist_info)
-    datasets = _load_datasets(args, inputs, int(model.img_size), norm, runtime)
+    datasets = _load_datasets(args, inputs, int(model.img_size), options, runtime)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     runtime.amp_ctx, runtime.scaler = amp_setup(device, args.amp)
@@ -896,7 +923,7 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     _fit(args, model, optimizer, *datasets, runtime, noise, state, state_path, log_dir)
     _ship_best(model, state, dist_info)
     if dist_info.is_main:
-        _save_calibrated(args, model, inputs, state, norm, datasets, runtime, noise)
+        _save_calibrated(args, model, inputs, state, options, datasets, runtime, noise)
     if dist_info.enabled:
         dist.barrier()
     return model

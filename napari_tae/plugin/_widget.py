@@ -126,6 +126,7 @@ class AnomalyWidget(QWidget):
         self._volume_pending = False  # settings changed while it ran: one more update follows
         self._progress: _RunProgress | None = None
         self._states: dict[Any, ReviewState] = {}   # by input layer (the object, not its name)
+        self._brain_layers: dict[Any, Any] = {}  # input layer -> the editable brain mask of its run
         self._active: ReviewState | None = None
         self._side_by_side = SideBySide(napari_viewer)
         self._closed = False
@@ -436,7 +437,8 @@ class AnomalyWidget(QWidget):
         save_preferences(self.settings)
         from napari_tae.inference import inference_job
 
-        job = partial(inference_job, spec, data, brain=brain, device=self.settings.device,
+        job = partial(inference_job, spec, data, brain=brain,
+                      spacing=tuple(float(v) for v in layer.scale), device=self.settings.device,
                       batch_size=self.settings.batch_size)
         self._progress = _RunProgress(data.shape[0], f"Finding anomalies in '{layer.name}'",
                                       self.cancel)
@@ -525,10 +527,31 @@ class AnomalyWidget(QWidget):
         self._set_result(state, "residual", rec.residual, layer)
         self._set_result(state, "score", state.score(post.score), layer)
         self._set_result(state, "anomaly mask", labels, layer)
+        self._set_brain_mask(layer, rec.brain)
         self._show_lesions(state)
         if calibrated_squash(meta, post.score, post.kernel, post.mode) is None:
             self.reset_squash()  # no calibrated value: the per-scan one, now that the score exists
-        self._info(f"Done on {device}: {len(state.lesions)} lesion(s) in '{layer.name}'.")
+        self._info(f"Done on {device}: {len(state.lesions)} lesion(s) in '{layer.name}' "
+                   f"(brain mask: {rec.brain_method.replace('_', '-')}).")
+
+    def _set_brain_mask(self, source, brain: np.ndarray) -> None:
+        """Show the brain mask the run used as an editable Labels layer and choose it for the
+        next run: paint or erase it, then Re-run uses it."""
+        from napari_tae.plugin._layers import GEOMETRY_KEY, layer_kwargs
+
+        name = f"{source.name} brain mask"
+        layer = self._brain_layers.get(source)
+        data = np.asarray(brain, dtype=np.uint8)
+        if layer is not None and layer in self.viewer.layers:
+            _replace_data(layer, data)
+        else:
+            geometry = source.metadata.get(GEOMETRY_KEY)
+            # with the input's geometry: same units on the canvas, saved back on its grid
+            kw = (layer_kwargs(geometry, name) if geometry is not None else
+                  {"name": name, "scale": source.scale, "translate": source.translate, "metadata": {}})
+            layer = self.viewer.add_labels(data, opacity=0.25, **kw)
+            self._brain_layers[source] = layer
+        self.mask_combo.setCurrentIndex(max(self.mask_combo.findData(layer), 0))
 
     # ----------------------------------------------------------------------------- layers
     def result_layer(self, state: ReviewState | None, kind: str):
@@ -593,7 +616,14 @@ class AnomalyWidget(QWidget):
 
     def _on_image_changed(self, *_: Any) -> None:
         """Sliders and table follow the selected input if it has a result."""
-        state = self._states.get(self.image_combo.currentData())
+        source = self.image_combo.currentData()
+        chosen = self.mask_combo.currentData()
+        if chosen is not None and chosen in self._brain_layers.values() \
+                and self._brain_layers.get(source) is not chosen:
+            # another input's brain mask does not fit this one: take this input's, else automatic
+            own = self._brain_layers.get(source)
+            self.mask_combo.setCurrentIndex(max(self.mask_combo.findData(own), 0) if own else 0)
+        state = self._states.get(source)
         if state is not None and state is not self._active:
             self._active = state
             self._show_post(state.post)
