@@ -25,6 +25,7 @@ __all__ = [
     "export_paths",
     "file_sha256",
     "jsonable",
+    "mask_settings",
     "provenance_record",
     "write_lesion_csv",
 ]
@@ -101,6 +102,24 @@ def jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+def mask_settings(meta: Any, spec: Any, *, kernel: int, mode: str, squash: float, squash_source: str,
+                  min_size: int) -> dict[str, Any]:
+    """The provenance of a mask made from a reconstruction (score, median, threshold and where it
+    came from), shared by :func:`napari_tae.inference.segment` and the widget's export; see
+    :attr:`napari_tae.inference.Reconstruction.settings` for the reconstruction's part."""
+    return {
+        "median_kernel": int(kernel),
+        "median_mode": mode,
+        "squash": float(squash),
+        "squash_source": squash_source,
+        "score": spec.name,
+        "score_params": spec.to_dict(),
+        "calibration": dict(getattr(meta, "calibration", None) or {}),
+        "min_size": int(min_size),
+        "connectivity": 26,
+    }
 
 
 def provenance_record(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .brain import resolve_brain_mask
+from .export import mask_settings
 from .options import DEVICE_CHOICES
 from .postprocess import anomaly_mask, lesion_table
 from .postprocess import residual as residual_map
@@ -108,6 +109,9 @@ class Reconstruction:
     ``normalised``, ``reconstruction`` and ``residual`` are (Z, Y, X) float32; ``brain`` is bool
     and ``brain_method`` says where it came from (:class:`napari_tae.brain.BrainMask`).
     ``device`` and ``batch_size`` record what the run ended up using (after any OOM fallback).
+    ``settings`` is the provenance of the reconstruction (model, preprocessing, brain mask, device),
+    the part of the record that :func:`segment` and the widget's export share; the mask's part is
+    :func:`mask_settings`.
     """
 
     normalised: np.ndarray
@@ -119,6 +123,7 @@ class Reconstruction:
     batch_size: int = 0
     brain_method: str = "supplied"
     options: PreprocessOptions = field(default_factory=PreprocessOptions)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -251,6 +256,18 @@ def iter_reconstruct(
     # brain beyond the model's field (wider than mm_per_px * size) was never seen: no residual
     # there rather than the whole intensity as a false anomaly
     seen = prepared.grid.to_native(np.ones((1, size, size), np.float32))[0] > 0.5
+    settings = {
+        "model": getattr(meta, "model_name", None) or getattr(model, "model_name", "") or type(model).__name__,
+        "checkpoint_sha256": getattr(meta, "sha256", None),
+        "img_size": size,
+        "normalisation": prepared.norm.to_dict(),
+        "brain_mask": resolved.method,
+        "skull_strip": skull_strip,
+        "preprocessing": options.to_dict(),
+        "device": str(device),
+        "batch_size": batch_size,
+        "amp_bf16": bool(amp and device.type == "cuda"),
+    }
     return Reconstruction(
         normalised=prepared.normalised,
         reconstruction=reconstruction,
@@ -261,6 +278,7 @@ def iter_reconstruct(
         batch_size=batch_size,
         brain_method=resolved.method,
         options=options,
+        settings=settings,
     )
 
 
@@ -365,27 +383,8 @@ def segment(
     lesions = lesion_table(mask, rec.residual, spacing, origin)
     t2 = time.perf_counter()
 
-    settings = {
-        "model": getattr(meta, "model_name", None) or getattr(model, "model_name", "") or type(model).__name__,
-        "checkpoint_sha256": getattr(meta, "sha256", None),
-        "img_size": int(model.img_size),
-        "normalisation": rec.norm.to_dict(),
-        "brain_mask": rec.brain_method,
-        "skull_strip": skull_strip,
-        "preprocessing": rec.options.to_dict(),
-        "median_kernel": int(kernel),
-        "median_mode": mode,
-        "squash": float(squash),
-        "squash_source": squash_source,
-        "score": spec.name,
-        "score_params": spec.to_dict(),
-        "calibration": dict(getattr(meta, "calibration", None) or {}),
-        "min_size": int(min_size),
-        "connectivity": 26,
-        "device": rec.device,
-        "batch_size": rec.batch_size,
-        "amp_bf16": bool(amp and rec.device.startswith("cuda")),
-    }
+    settings = {**rec.settings, **mask_settings(meta, spec, kernel=kernel, mode=mode, squash=squash,
+                                                squash_source=squash_source, min_size=min_size)}
     return Segmentation(
         reconstruction=rec.reconstruction,
         residual=rec.residual,

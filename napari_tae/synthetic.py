@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_tae._atomic import atomic_path, write_text_atomic
+from napari_tae._atomic import write_text_atomic
 from napari_tae.preprocess import fit_normalisation, normalise
 
 __all__ = [
@@ -1167,15 +1167,17 @@ def _quadratic_design(p: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- datasets
 
 
-def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """Write atomically (temp file + rename) with qform and sform both set to the affine."""
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-    return path
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, *, labels: bool = False) -> Path:
+    """Write an on-disk-order array through :func:`napari_tae.io.save_volume` (atomic, integers
+    for ``labels``), qform and sform both the affine with code 1: a scanner's coordinates."""
+    from napari_tae.io import Geometry, save_volume
+
+    header = nib.Nifti1Header()
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm")
+    geometry = Geometry.from_affine(affine, data.shape, header)
+    return save_volume(geometry.from_source(data), geometry, path, labels=labels, overwrite=True)
 
 
 def _sub_seed(seed: int, split: int, index: int) -> int:
@@ -1291,9 +1293,11 @@ def write_dataset(
         name = f"case_{i:03d}.nii.gz"
         files = {
             "image": _save_nifti(data, sub.affine, dirs["test_images"] / name),
-            "label": _save_nifti((labels > 0).astype(np.uint8), sub.affine, dirs["test_labels"] / name),
-            "kinds": _save_nifti(labels, sub.affine, dirs["test_kinds"] / name),
-            "mask": _save_nifti(sub.brain.astype(np.uint8), sub.affine, dirs["test_masks"] / name),
+            "label": _save_nifti((labels > 0).astype(np.uint8), sub.affine, dirs["test_labels"] / name,
+                                 labels=True),
+            "kinds": _save_nifti(labels, sub.affine, dirs["test_kinds"] / name, labels=True),
+            "mask": _save_nifti(sub.brain.astype(np.uint8), sub.affine, dirs["test_masks"] / name,
+                                labels=True),
         }
         for k, f in zip(("test_images", "test_labels", "test_kinds", "test_masks"), files.values()):
             paths[k].append(f)

@@ -240,6 +240,16 @@ def test_export_round_trip(make_napari_viewer, qtbot, files, tmp_path):
     assert model["weights_sha256"] and prov["settings"]["squash"] == pytest.approx(3.0)
     # the plugin's record has the CLI's schema: one reader serves both
     assert {"input", "input_sha256", "model", "settings", "lesions", "outputs", "software", "date"} <= set(prov)
+    # and the CLI's settings, value for value (brain mask and its source, squash source, batch size)
+    from napari_tae.export import jsonable
+
+    model_, meta = load_checkpoint(files["ckpt"])
+    headless = jsonable(segment(load_volume(files["flair"]), model_, meta, device="cpu").settings)
+    assert {k: prov["settings"][k] for k in headless} == headless
+    assert prov["settings"]["squash_source"] == "calibrated" and prov["settings"]["brain_mask"] == "non_background"
+    widget.squash_slider.setValue(5.0)
+    moved = json.loads(widget.export(str(out), "moved")["provenance"].read_text())["settings"]
+    assert moved["squash"] == pytest.approx(5.0) and moved["squash_source"] == "user"
     stamp = paths["mask"].stat().st_mtime_ns
     assert widget.export(str(out), "case") is None          # refuses to overwrite
     assert "exists" in widget.status.text() and paths["mask"].stat().st_mtime_ns == stamp

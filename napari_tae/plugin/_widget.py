@@ -506,7 +506,7 @@ class AnomalyWidget(QWidget):
             origin=tuple(float(v) for v in layer.translate),
             geometry=layer.metadata.get(GEOMETRY_KEY),
             checkpoint=str(spec), meta=meta, device=device,
-            norm=rec.norm.to_dict() if hasattr(rec.norm, "to_dict") else {},
+            run_settings=rec.settings,
             normalised=rec.normalised,
         )
         if keep is not None:

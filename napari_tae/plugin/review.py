@@ -11,6 +11,7 @@ threshold, then connected components (see :mod:`napari_tae.postprocess`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from napari_tae.export import (
     ExportError,
     describe_files,
     export_paths,
+    mask_settings,
     provenance_record,
     write_lesion_csv,
 )
@@ -247,7 +249,6 @@ class ReviewState:
     checkpoint: str = "intensity"        # path, bundled name or "intensity"
     meta: Any = None                     # napari_tae.checkpoint.CheckpointMeta or None
     device: str = "cpu"
-    norm: dict = field(default_factory=dict)
     post: PostSettings = field(default_factory=PostSettings)
     written: np.ndarray | None = None
     lesions: list[dict] = field(default_factory=list)
@@ -255,6 +256,7 @@ class ReviewState:
     edits: EditRecord = field(init=False)
     generation: Generation = field(default_factory=Generation)  # post-processing results
     normalised: np.ndarray | None = None  # the normalised input, for the fused and prior scores
+    run_settings: dict = field(default_factory=dict)  # inference.Reconstruction.settings
     _scores: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -356,19 +358,19 @@ def lesion_features(lesions: list[dict]) -> dict[str, np.ndarray]:
 
 
 def plugin_settings(state: ReviewState) -> dict[str, Any]:
-    """The widget's settings under the names ``inference.segment`` uses, plus what only it has."""
+    """The provenance settings of :func:`napari_tae.inference.segment` (the same two records:
+    the reconstruction's and :func:`napari_tae.export.mask_settings`), plus what only the widget
+    has (manual edits, the requested minimum size, the input layer)."""
     post = state.post
+    calibrated, source = state.label_free_squash(post)
+    # a slider left at the label-free value keeps its source; anything else the user chose
+    squash_source = source if math.isclose(post.squash, calibrated, rel_tol=1e-6, abs_tol=1e-9) else "user"
     return {
-        "model": getattr(state.meta, "model_name", "intensity"),
-        "normalisation": state.norm,
-        "median_kernel": post.kernel,
-        "median_mode": post.mode,
-        "squash": post.squash,
-        "score": post.score,
-        "score_params": score_spec(state.meta, post.score).to_dict(),
-        "min_size": post.min_voxels(state.spacing),
+        **state.run_settings,
+        **mask_settings(state.meta, score_spec(state.meta, post.score), kernel=post.kernel, mode=post.mode,
+                        squash=post.squash, squash_source=squash_source,
+                        min_size=post.min_voxels(state.spacing)),
         "min_size_requested": {"value": post.min_size, "unit": post.min_size_unit},
-        "device": state.device,
         "input_layer": state.source_name,
         "manual_edits": {"voxels_added": state.edits.n_added, "voxels_erased": state.edits.n_erased},
         "spacing_mm": list(state.spacing),
