@@ -88,12 +88,16 @@ def main() -> None:
     import napari_tae.inference  # noqa: F401  (torch before the OpenGL canvas)
     from napari_tae.plugin._widget import AnomalyWidget
 
-    residual, _ = synthetic_residual()
+    residual, brain = synthetic_residual()
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1280, 800)
     viewer.add_image(residual, name="volume")
+    # the known brain: a larger-than-adult ellipsoid would otherwise be sent to brain extraction
+    brain_layer = viewer.add_labels(brain.astype(np.uint8), name="brain")
     widget = AnomalyWidget(viewer, synchronous=True)  # the run synchronous, then the sliders live
     viewer.window.add_dock_widget(widget)
+    widget.image_combo.setCurrentText("volume")
+    widget.mask_combo.setCurrentIndex(widget.mask_combo.findData(brain_layer))
     widget.models.select("intensity")
     widget.device_combo.setCurrentText("cpu")
     widget.kernel_spin.setValue(5)

@@ -228,6 +228,18 @@ def test_reader_opens_masks_as_labels_and_scans_as_images(tmp_path, lps_file):
     assert kind == "labels" and data.dtype.kind == "i"
     assert set(np.unique(data)) == {0, 1, 2} and int(data.sum()) == int(lesions.sum())
     assert kwargs["scale"] == pytest.approx((3.0, 1.1, 0.9))
+    # a reference: every lesion in the reference colour, never the anomaly mask's
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_tae.plugin._layers import ANOMALY_COLOUR, REFERENCE_COLOUR
+
+    colormap = kwargs["colormap"]
+    for label in (1, 2):
+        np.testing.assert_allclose(colormap.map(np.array([label]))[0], transform_color(REFERENCE_COLOUR)[0])
+    assert REFERENCE_COLOUR != ANOMALY_COLOUR and colormap.map(np.array([0]))[0][3] == 0
+    # a parcellation keeps napari's colour per label
+    parcels = np.arange(np.prod(SHAPE)).reshape(SHAPE) % 40
+    assert "colormap" not in read_nifti(_write(tmp_path, "aseg.nii.gz", parcels.astype(np.int16)))[0][1]
     # a lesion-free case is a valid mask file
     data, _, kind = read_nifti(_write(tmp_path, "empty.nii.gz", np.zeros(SHAPE, np.int16)))[0]
     assert kind == "labels" and not data.any()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from napari_tae.cli import CLIError
-from napari_tae.plugin._layers import REFERENCE_COLOUR, set_radiological_view, single_colour
+from napari_tae.plugin._layers import set_radiological_view
 
 __all__ = ["build_demo", "run_demo"]
 
@@ -44,10 +44,7 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
         raise CLIError(str(exc)) from None
     layers = make_sample_data()
     for data, kwargs, kind in layers:
-        layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
-    # the ground truth as a filled reference in its own colour; the model's mask is an outline
-    layer.colormap = single_colour(REFERENCE_COLOUR)
-    layer.opacity = 0.45
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = AnomalyWidget(viewer, synchronous=synchronous)
     viewer.window.add_dock_widget(widget, name="Find anomalies (TAE)", area="right")
     widget.image_combo.setCurrentText(SAMPLE_NAME)

@@ -26,6 +26,7 @@ __all__ = [
     "contrast_limits",
     "follow_threshold",
     "layer_kwargs",
+    "reference_style",
     "residual_limits",
     "result_style",
     "set_radiological_view",
@@ -102,6 +103,12 @@ def single_colour(colour: str) -> Any:
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: colour, 0: "transparent"})
+
+
+def reference_style() -> dict[str, Any]:
+    """``add_labels`` keywords of a reference mask (ground truth, a mask opened from a file): filled
+    in its own colour, translucent over the FLAIR, distinct from the anomaly mask's outline."""
+    return {"colormap": single_colour(REFERENCE_COLOUR), "opacity": 0.45}
 
 
 def residual_limits(residual: np.ndarray, squash: float) -> tuple[float, float]:

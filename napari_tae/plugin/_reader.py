@@ -30,7 +30,7 @@ from napari_tae.io import (
     looks_like_label_map,
     nifti_stem,
 )
-from napari_tae.plugin._layers import DICOM_KEY, contrast_limits, layer_kwargs
+from napari_tae.plugin._layers import DICOM_KEY, contrast_limits, layer_kwargs, reference_style
 
 __all__ = [
     "napari_get_reader",
@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 LayerData = tuple[Any, dict[str, Any], str]
+
+#: A label map with at most this many labels is a reference (a lesion mask, its instances or
+#: kinds) shown in the reference colour; more is a parcellation, kept in napari's per-label colours.
+REFERENCE_MAX_LABELS = 8
 PathOrPaths = str | Sequence[str]
 Reader = Callable[[PathOrPaths], list[LayerData]]
 
@@ -74,8 +78,10 @@ def read_nifti(path: PathOrPaths) -> list[LayerData]:
         volume = load_mask(p)
         name = nifti_stem(p)
         if looks_like_label_map(volume, p):
-            layers.append((volume.data.astype(np.int32), layer_kwargs(volume.geometry, name),
-                           "labels"))
+            kwargs = layer_kwargs(volume.geometry, name)
+            if np.unique(volume.data).size <= REFERENCE_MAX_LABELS + 1:  # docs/review.md
+                kwargs.update(reference_style())
+            layers.append((volume.data.astype(np.int32), kwargs, "labels"))
             continue
         if volume.data.min() == volume.data.max():
             load_volume(p)  # refuses constant images with its usual message

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from napari_tae.io import Geometry, Volume
-from napari_tae.plugin._layers import contrast_limits, layer_kwargs
+from napari_tae.plugin._layers import contrast_limits, layer_kwargs, reference_style
 
 __all__ = ["SAMPLE_NAME", "SAMPLE_SEED", "SAMPLE_SHAPE", "make_sample_data", "sample_arrays", "sample_volume"]
 
@@ -77,6 +77,6 @@ def make_sample_data() -> list[LayerData]:
     image_kwargs = layer_kwargs(volume.geometry, SAMPLE_NAME)
     image_kwargs.update(colormap="gray", contrast_limits=contrast_limits(volume.data))
     labels_kwargs = layer_kwargs(volume.geometry, f"{SAMPLE_NAME}_ground_truth")
-    # translucent, so the FLAIR under it stays readable (napari's add_labels takes no contour=)
-    labels_kwargs.update(opacity=0.5)
+    # every anomaly kind in the reference colour: the model's mask is the one outlined in another
+    labels_kwargs.update(reference_style())
     return [(volume.data, image_kwargs, "image"), (truth, labels_kwargs, "labels")]
