@@ -804,6 +804,13 @@ def test_brain_mask_layer_is_editable_and_used_by_the_next_run(make_napari_viewe
     np.testing.assert_array_equal(widget._active.brain, edited > 0)
     assert not viewer.layers["flair residual"].data[..., edited.shape[-1] // 2:].any()
     assert "brain mask: supplied" in widget.status.text()
+    # the chooser's modes are the CLI's --skull-strip: 'never' takes the non-background voxels
+    assert [widget.mask_combo.itemData(i) for i in range(3)] == ["auto", "always", "never"]
+    widget.mask_combo.setCurrentIndex(2)
+    widget.run()
+    assert widget._active.run_settings["skull_strip"] == "never"
+    assert "brain mask: non-background" in widget.status.text()
+    np.testing.assert_array_equal(widget._active.brain, layer.data != layer.data[0, 0, 0])
     # another input does not inherit this input's brain mask
     _add_volume(viewer, files["flair"], name="other")
     widget.image_combo.setCurrentText("other")

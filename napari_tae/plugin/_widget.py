@@ -65,6 +65,14 @@ REPLACE, KEEP_EDITS, CANCEL = (QMessageBox.StandardButton.Discard, QMessageBox.S
 _KINDS = ("reconstruction", "residual", "anomaly mask")
 #: Brush strokes come as many paint events: the volume update waits this long after the last.
 PAINT_DEBOUNCE_MS = 150
+
+#: The brain-mask chooser's entries before the Labels layers: the skull-stripping modes of
+#: napari_tae.brain (docs/preprocessing.md), as the CLI's --skull-strip.
+BRAIN_MASK_MODES = (
+    ("(automatic: extract the brain of a head)", "auto"),
+    ("(extract the brain: deepbet)", "always"),
+    ("(the non-background voxels)", "never"),
+)
 NEXT_KEY, PREV_KEY = "n", "Shift-N"  # 'p' is napari's paint-mode key on Labels layers
 
 
@@ -280,13 +288,13 @@ class AnomalyWidget(QWidget):
         """Refill the layer choosers, keeping the selected layers (results are not inputs)."""
         from napari.layers import Image, Labels
 
-        for combo, kind, blank in ((self.image_combo, Image, None),
-                                   (self.mask_combo, Labels, "(automatic)")):
+        for combo, kind, modes in ((self.image_combo, Image, ()),
+                                   (self.mask_combo, Labels, BRAIN_MASK_MODES)):
             current = combo.currentData()
             combo.blockSignals(True)
             combo.clear()
-            if blank:
-                combo.addItem(blank, None)
+            for text, mode in modes:
+                combo.addItem(text, mode)
             for layer in self.viewer.layers:
                 if isinstance(layer, kind) and not _is_result(layer) and layer.ndim == 3:
                     combo.addItem(layer.name, layer)
@@ -384,16 +392,19 @@ class AnomalyWidget(QWidget):
         layer = self.image_combo.currentData()
         return layer if layer is not None and layer in self.viewer.layers else None
 
-    def _brain(self, layer, shape: tuple[int, ...]) -> tuple[bool, np.ndarray | None]:
-        """The chosen brain mask layer as bool, or None (automatic); False if it doesn't fit."""
-        mask_layer = self.mask_combo.currentData()
-        if mask_layer is None or mask_layer not in self.viewer.layers:
-            return True, None
-        brain = np.asarray(mask_layer.data) > 0
+    def _brain(self, layer, shape: tuple[int, ...]) -> tuple[bool, np.ndarray | str]:
+        """The chosen brain mask layer as bool, else the skull-stripping mode (``auto``,
+        ``always``, ``never``: napari_tae.brain); False if the layer doesn't fit."""
+        chosen = self.mask_combo.currentData()
+        if isinstance(chosen, str):
+            return True, chosen
+        if chosen is None or chosen not in self.viewer.layers:
+            return True, "auto"
+        brain = np.asarray(chosen.data) > 0
         if brain.shape != shape:
-            self._error(f"Brain mask '{mask_layer.name}' shape {brain.shape} doesn't match "
+            self._error(f"Brain mask '{chosen.name}' shape {brain.shape} doesn't match "
                         f"'{layer.name}' {shape}.")
-            return False, None
+            return False, "auto"
         return True, brain
 
     def _edits_to_keep(self, layer) -> tuple[bool, EditRecord | None]:
@@ -427,6 +438,8 @@ class AnomalyWidget(QWidget):
             return
         data = np.asarray(layer.data, dtype=np.float32)
         fits, brain = self._brain(layer, data.shape)
+        skull_strip = brain if isinstance(brain, str) else "auto"
+        brain = None if isinstance(brain, str) else brain
         go_on, keep = self._edits_to_keep(layer) if fits else (False, None)
         if not go_on:
             return
@@ -437,7 +450,7 @@ class AnomalyWidget(QWidget):
         save_preferences(self.settings)
         from napari_tae.inference import inference_job
 
-        job = partial(inference_job, spec, data, brain=brain,
+        job = partial(inference_job, spec, data, brain=brain, skull_strip=skull_strip,
                       spacing=tuple(float(v) for v in layer.scale), device=self.settings.device,
                       batch_size=self.settings.batch_size)
         self._progress = _RunProgress(data.shape[0], f"Finding anomalies in '{layer.name}'",
