@@ -28,15 +28,17 @@ from pathlib import Path
 
 from napari_tae.checkpoint import DEFAULT_CHECKPOINT, bundled_checkpoints, load_model
 from napari_tae.scores import available_scores, default_score
-from napari_tae.synthetic import KINDS, write_dataset
+from napari_tae.synthetic import KINDS, DomainRandomisation, MSLesions, write_dataset
 from training.evaluate import EvalInputs, evaluate
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "mslub_patient07"
 KERNEL, MODE = 5, "2d"
 
 
-def synthetic_split(folder: Path, seed: int, shape: tuple[int, int, int]) -> EvalInputs:
-    paths = write_dataset(folder, 0, 0, len(KINDS), seed, shape=shape, n_test_healthy=1)
+def synthetic_split(folder: Path, seed: int, shape: tuple[int, int, int] | None,
+                    randomised: bool) -> EvalInputs:
+    extra = {"randomisation": DomainRandomisation(), "ms_lesions": MSLesions()} if randomised else {}
+    paths = write_dataset(folder, 0, 0, len(KINDS), seed, shape=shape, n_test_healthy=1, **extra)
     test = folder / "test"
     images = sorted((test / "images").glob("*.nii.gz"))
     return EvalInputs(images=images, labels=[test / "labels" / p.name for p in images],
@@ -52,14 +54,15 @@ def real_case() -> EvalInputs | None:
                       kinds=[None])
 
 
-def detectors() -> list[tuple[str, str, str | None]]:
-    """(row name, checkpoint spec, score): the default with each score, the others with theirs."""
+def detectors(default: str = DEFAULT_CHECKPOINT) -> list[tuple[str, str, str | None]]:
+    """(row name, checkpoint spec, score): the default (the bundled one, or a candidate file to
+    replace it) with each score, the bundled others with theirs."""
     rows = []
-    _, meta = load_model(DEFAULT_CHECKPOINT)
-    rows.append((f"{DEFAULT_CHECKPOINT} (default: {default_score(meta)})", DEFAULT_CHECKPOINT, None))
-    rows += [(f"{DEFAULT_CHECKPOINT} {s}", DEFAULT_CHECKPOINT, s) for s in available_scores(meta)
-             if s != default_score(meta)]
-    rows += [(name, name, None) for name in sorted(bundled_checkpoints()) if name != DEFAULT_CHECKPOINT]
+    _, meta = load_model(default)
+    name = Path(default).stem if default not in bundled_checkpoints() else default
+    rows.append((f"{name} (default: {default_score(meta)})", default, None))
+    rows += [(f"{name} {s}", default, s) for s in available_scores(meta) if s != default_score(meta)]
+    rows += [(other, other, None) for other in sorted(bundled_checkpoints()) if other != default]
     rows.append(("intensity", "intensity", None))
     return rows
 
@@ -68,13 +71,13 @@ def _pct(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{100 * value:.2f} %"
 
 
-def run(inputs: EvalInputs, title: str) -> dict[str, dict]:
+def run(inputs: EvalInputs, title: str, rows: list[tuple[str, str, str | None]]) -> dict[str, dict]:
     print(f"\n## {title}\n")
     print("| detector | score | AUROC | AUPRC | [DSC] | label-free Dice | threshold | "
           "brain flagged (healthy / lesion-free test) |")
     print("|---|---|---|---|---|---|---|---|")
     results, caches = {}, {}
-    for row, spec, score in detectors():
+    for row, spec, score in rows:
         model, meta = load_model(spec)
         res = evaluate(model, meta, inputs, kernel=KERNEL, mode=MODE, score=score, n_bins=20_000,
                        device="cpu", cache=caches.setdefault(spec, {}))
@@ -96,8 +99,7 @@ def run(inputs: EvalInputs, title: str) -> dict[str, dict]:
     return results
 
 
-def targets(split: dict[str, dict], real: dict[str, dict] | None) -> None:
-    default = detectors()[0][0]
+def targets(split: dict[str, dict], real: dict[str, dict] | None, default: str) -> None:
     print("\n## Targets\n")
 
     def check(text: str, ok: bool) -> None:
@@ -120,15 +122,24 @@ def targets(split: dict[str, dict], real: dict[str, dict] | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=2026, help="seed of the synthetic test split")
-    parser.add_argument("--shape", type=int, nargs=3, default=(132, 156, 126), metavar=("X", "Y", "Z"))
+    parser.add_argument("--shape", type=int, nargs=3, default=(132, 156, 126), metavar=("X", "Y", "Z"),
+                        help="grid of the plain split (the randomised one draws realistic grids)")
+    parser.add_argument("--default", default=DEFAULT_CHECKPOINT, metavar="CHECKPOINT",
+                        help="the detector the targets are checked for: the bundled default, or a "
+                        "candidate file to replace it")
+    parser.add_argument("--domain-randomisation", action="store_true",
+                        help="a domain-randomised test split (docs/synthetic.md) instead of the plain one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    rows = detectors(args.default)
+    kind = "domain-randomised" if args.domain_randomisation else "plain"
     with tempfile.TemporaryDirectory() as tmp:
-        split = run(synthetic_split(Path(tmp), args.seed, tuple(args.shape)),
-                    f"(a) synthetic test split, seed {args.seed}, one volume per kind + 1 healthy")
+        split = run(synthetic_split(Path(tmp), args.seed, None if args.domain_randomisation else tuple(args.shape),
+                                    args.domain_randomisation),
+                    f"(a) {kind} synthetic test split, seed {args.seed}, one volume per kind + 1 healthy", rows)
     real_inputs = real_case()
-    real = run(real_inputs, f"(b) real case {REAL.name}") if real_inputs else None
-    targets(split, real)
+    real = run(real_inputs, f"(b) real case {REAL.name}", rows) if real_inputs else None
+    targets(split, real, rows[0][0])
 
 
 if __name__ == "__main__":
