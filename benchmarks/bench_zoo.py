@@ -73,7 +73,7 @@ def zoo_models() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: b_tae and ae_spatial, 32 px, 1 epoch, 2 training volumes, "
                              "48 x 56 x 48 grids, output in zoo_quick/ (figures in zoo_quick/figures)")
