@@ -227,3 +227,52 @@ def test_ssim_matches_skimage_with_gaussian_window():
     values = M.ssim_slices(vol, rec)
     np.testing.assert_allclose(values, [ref, 1.0])  # empty middle slice skipped
     assert M.ssim_slices(vol, rec, skip_empty=False).shape == (3,)
+
+
+def _from_histograms(pos, neg, n_bins):
+    """Scores and labels holding ``pos[k]`` positives and ``neg[k]`` negatives in bin k (one score
+    per bin: 0 for bin 0, the bin's centre above)."""
+    width = 1.0 / n_bins
+    centre = np.concatenate([[0.0], (np.arange(1, n_bins + 1) - 0.5) * width])
+    scores = np.concatenate([np.repeat(centre, pos), np.repeat(centre, neg)])
+    labels = np.concatenate([np.ones(int(np.sum(pos)), bool), np.zeros(int(np.sum(neg)), bool)])
+    return scores, labels
+
+
+def test_precision_recall_curve_from_histograms_matches_sklearn():
+    from sklearn.metrics import precision_recall_curve
+
+    # empty bins in between, a negative-only top bin (precision 0 there), ties within bins
+    pos = np.array([0, 1, 0, 2, 0, 3, 1, 0, 0, 2, 0])
+    neg = np.array([5, 3, 2, 0, 0, 1, 0, 2, 1, 0, 4])
+    scores, labels = _from_histograms(pos, neg, 10)
+    acc = M.BinnedScores(n_bins=10).update(scores, labels)
+    np.testing.assert_array_equal(acc.pos, pos)
+    np.testing.assert_array_equal(acc.neg, neg)
+    precision, recall = acc.precision_recall_curve()
+    ref_precision, ref_recall, _ = precision_recall_curve(labels, scores)
+    np.testing.assert_allclose(precision, ref_precision, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(recall, ref_recall, rtol=0, atol=1e-12)
+    assert precision[-2] == 0.0  # the top bin holds negatives only
+    # average precision from the points (scikit-learn's step sum) is the accumulator's
+    ap = -np.sum(np.diff(recall) * precision[:-1])
+    assert ap == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    assert ap == pytest.approx(acc.average_precision(), abs=1e-12)
+
+
+def test_precision_recall_curve_thinned_keeps_ends_and_true_points():
+    scores, labels = _random_case(5, n=20_000)
+    acc = M.BinnedScores(n_bins=20_000).update(scores, labels)
+    precision, recall = acc.precision_recall_curve()
+    assert precision.size > 1000
+    thin_p, thin_r = acc.precision_recall_curve(max_points=50)
+    assert 10 < thin_p.size <= 50
+    assert (thin_p[0], thin_r[0]) == (precision[0], recall[0])
+    assert (thin_p[-1], thin_r[-1]) == (1.0, 0.0)
+    full = set(zip(precision.tolist(), recall.tolist()))
+    assert all(point in full for point in zip(thin_p.tolist(), thin_r.tolist()))
+    assert np.all(np.diff(thin_r) <= 0)  # still in curve order
+    # short curves come back whole; no positives: no curve
+    small = M.BinnedScores(n_bins=2).update(*_from_histograms([0, 1, 2], [1, 0, 3], 2))
+    assert small.precision_recall_curve(max_points=50)[0].size == small.precision_recall_curve()[0].size
+    assert M.BinnedScores().update(scores, np.zeros_like(labels)).precision_recall_curve()[0].size == 0

@@ -195,6 +195,11 @@ def test_evaluate_matches_sklearn_on_intensity(dataset: Path, tmp_path: Path):
     s, y = np.concatenate(scores), np.concatenate(labels)
     assert res["brain"]["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-3)
     assert res["brain"]["auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-3)
+    # the curve for plots: from everything predicted (precision = prevalence) to the (1, 0) end
+    curve = res["brain"]["pr_curve"]
+    assert 2 < len(curve["recall"]) == len(curve["precision"]) <= 400
+    assert (curve["recall"][0], curve["recall"][-1], curve["precision"][-1]) == (1.0, 0.0, 1.0)
+    assert curve["precision"][0] == pytest.approx(y.mean(), abs=1e-12)
 
 
 def test_resume_gives_uninterrupted_result(dataset: Path, tmp_path: Path, monkeypatch):

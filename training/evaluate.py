@@ -9,7 +9,8 @@ number of test voxels. Reported: pooled AUROC/AUPRC within the brain, [DSC] (bes
 threshold: an upper bound, it uses the labels) with per-volume Dice at that threshold, Dice at the
 checkpoint's calibrated label-free threshold (per scan without one, see docs/scores.md) with its
 false-positive rate on healthy volumes, SSIM of reconstructions, and the paper-compatible variants
-(all-pixel AUROC/AUPRC, per-slice smoothed Dice at the paper's S_1%). The score is the residual,
+(all-pixel AUROC/AUPRC, per-slice smoothed Dice at the paper's S_1%), and the pooled
+precision-recall curve (at most :data:`PR_CURVE_POINTS` points) for plots. The score is the residual,
 or the fused / prior score of :mod:`napari_tae.scores` (``--score``).
 """
 
@@ -47,6 +48,7 @@ __all__ = ["build_parser", "main", "evaluate", "EvalInputs", "format_markdown"]
 _logger = logging.getLogger("training.evaluate")
 
 PAPER_SQUASH = 1.0  # the paper's S_1%: residual > 1 % of the intensity range
+PR_CURVE_POINTS = 400  # the pooled precision-recall curve in the JSON, thinned for plots
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +269,7 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
         del data, label, score, raw, rec
 
     best_dice, best_threshold = brain_acc.best_dice()
+    pr_precision, pr_recall = brain_acc.precision_recall_curve(max_points=PR_CURVE_POINTS)
     if math.isfinite(best_threshold):
         k = int(np.nanargmax(brain_acc.dice_curve()))  # the [DSC] threshold: bins >= k are predicted
         for entry, (pos, neg) in zip(per_volume, volume_hists):
@@ -304,6 +307,7 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
             "auroc": brain_acc.auroc(), "auprc": brain_acc.average_precision(),
             "positives": brain_acc.n_pos, "negatives": brain_acc.n_neg,
             "labels_outside_brain": labels_outside_brain,
+            "pr_curve": {"precision": pr_precision, "recall": pr_recall},
         },
         "dsc_upper_bound": {
             "dice": best_dice, "threshold_percent": best_threshold * 100.0,

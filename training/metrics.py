@@ -169,6 +169,31 @@ class BinnedScores:
         precision = tp[hit] / (tp[hit] + fp[hit])
         return float(np.sum(self.pos[hit] / p * precision))
 
+    def precision_recall_curve(self, max_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(precision, recall)`` at every threshold of `thresholds` whose bin holds a voxel.
+
+        scikit-learn's ``precision_recall_curve`` order and end point: thresholds increasing (recall
+        falling), then ``(1, 0)``; the same arrays as scikit-learn's on the same scores when no two
+        distinct scores share a bin. ``max_points`` (>= 2) thins a longer curve, for plots, to at
+        most that many of its points, evenly spaced along its length with both ends kept. Empty
+        arrays without positives.
+        """
+        p = self.n_pos
+        if p == 0:
+            return np.zeros(0), np.zeros(0)
+        tp, fp = self.counts()
+        held = (self.pos + self.neg) > 0  # bins >= k include bin k: tp + fp > 0 at these
+        precision = np.append(tp[held] / (tp[held] + fp[held]), 1.0)
+        recall = np.append(tp[held] / p, 0.0)
+        if max_points is not None and precision.size > max_points:
+            if max_points < 2:
+                raise ValueError(f"max_points must be >= 2, got {max_points}")
+            length = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(recall), np.diff(precision)))])
+            inner = np.searchsorted(length, np.linspace(0.0, length[-1], max_points)[1:-1])
+            keep = np.unique(np.concatenate([[0], inner, [precision.size - 1]]))
+            precision, recall = precision[keep], recall[keep]
+        return precision, recall
+
     def dice_curve(self) -> np.ndarray:
         """Dice ``2 TP / (TP + FP + P)`` at every threshold of `thresholds`; nan without positives."""
         tp, fp = self.counts()
