@@ -414,7 +414,11 @@ def summarise(result: dict[str, Any], kinds_of_case: dict[str, list[str]]) -> di
         per_kind[kind] = {"auroc": _number(entry["auroc"]), "auprc": _number(entry["auprc"]),
                           "dsc": _number(entry["dsc_upper_bound"]), "label_free_dice": mean_std(dices)[0],
                           "volumes": len(dices)}
-    return {"overall": overall, "per_kind": per_kind, "pr_curve": brain.get("pr_curve")}
+    paper = result["paper_compatible"]
+    paper_variants = {"auroc_all_pixels": _number(paper["auroc_all_pixels"]),
+                      "auprc_all_pixels": _number(paper["auprc_all_pixels"]),
+                      "slice_dice_smoothed_s1": _number(paper["slice_dice_smoothed_s1"])}
+    return {"overall": overall, "per_kind": per_kind, "paper": paper_variants, "pr_curve": brain.get("pr_curve")}
 
 
 def evaluate_all(args: argparse.Namespace, found: list[Detector], splits: dict[str, list[str]],
@@ -497,6 +501,13 @@ def format_tables(results: dict[str, Any]) -> str:
                          f"{_fmt(o['dsc'])} | {_fmt(o['label_free_dice'])} | {threshold} | "
                          f"{_percent(o['fpr_healthy'])} | {_percent(o['fpr_lesion_free_brain'])} | "
                          f"{_fmt(o['ssim_healthy'])} |")
+    lines += ["", ("## The paper's metric variants (all pixels, background included; per-slice smoothed "
+                   "Dice at the paper's 1 % squash), to set beside its Table 2"), "",
+              "| model | score | split | AUROC all pixels | AUPRC all pixels | slice Dice at S_1% |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {e['model']} | {e['score']} | {e['split']} | {_fmt(e['paper']['auroc_all_pixels'])} | "
+              f"{_fmt(e['paper']['auprc_all_pixels'])} | {_fmt(e['paper']['slice_dice_smoothed_s1'])} |"
+              for e in done if e.get("paper")]
     kind_rows = [e for e in done if e["per_kind"]]
     metrics = (("auprc", "AUPRC"), ("auroc", "AUROC"), ("dsc", "[DSC]"),
                ("label_free_dice", "label-free Dice (mean per volume)"))

@@ -51,6 +51,7 @@ def _evaluate_json(volume_dices: dict[str, float | None]) -> dict:
         "calibrated": {"dice_pooled": 0.25, "squash_percent": 12.5, "source": "calibrated",
                        "fpr_healthy": 0.0123, "fpr_test_lesion_free_brain": None},
         "ssim": {"healthy_volumes": 0.8},
+        "paper_compatible": {"auroc_all_pixels": 0.97, "auprc_all_pixels": 0.35, "slice_dice_smoothed_s1": None},
         "per_kind": {"ms": {"auroc": 0.7, "auprc": 0.1, "dsc_upper_bound": 0.2, "positives": 10},
                      "tumour": {"auroc": None, "auprc": 0.9, "dsc_upper_bound": 0.8, "positives": 20}},
         "per_volume": [{"name": name, "dice_calibrated": dice} for name, dice in volume_dices.items()],
@@ -111,6 +112,7 @@ def test_tables_from_a_results_dict(bz):
     assert lines[at + 5] == ""
     auroc = lines.index("## Per anomaly kind (synthetic): AUROC")
     assert lines[auroc + 4] == "| b_tae | residual | 0.700 | n/a |"
+    assert "| b_tae | prior | real | 0.970 | 0.350 | n/a |" in lines  # the paper's variants
     assert "Failed evaluations: intensity real residual" in text
     assert text.rstrip().endswith("```") and "# skipped (checkpoint exists): python -m training train" in lines
 
