@@ -7,6 +7,8 @@ Usage::
 
 Each model runs in its own subprocess so that the CPU peak memory (peak resident set size of that
 process, ``ru_maxrss``) belongs to one model only; on CUDA the peak is ``max_memory_allocated``.
+The allocator limits of inference are set (``napari_tae._allocator``); ``bench_inference.py``
+measures what they and the other CPU choices bring.
 CUDA runs use bf16 autocast, as inference does. The last columns give the time to reconstruct a
 155-slice 256 x 256 volume at the larger batch size and whether it meets the 60 s CPU target.
 Not a test: numbers depend on the machine and its load.
@@ -31,35 +33,52 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def time_forward(model, bs: int, device: str, repeats: int, min_time: float, warmup: int = 2) -> dict:
+    """Time ``model(x)`` under no_grad for one batch size after ``warmup`` passes.
+
+    Two warm-up passes by default: on glibc with the allocator limits the first passes still
+    grow the heap (page faults), the later ones reuse it. ``minflt_per_forward`` counts the minor
+    page faults of the timed passes.
+    """
+    import torch
+
+    dev = torch.device(device)
+    img_size = int(model.img_size)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    x = torch.rand(bs, 1, img_size, img_size, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), amp:
+        for _ in range(warmup):  # allocator, kernels
+            model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        n, t0 = 0, time.perf_counter()
+        while n < repeats or time.perf_counter() - t0 < min_time:
+            model(x)
+            n += 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / n
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else _rss_mib()
+    return {"batch": bs, "threads": torch.get_num_threads(), "s_per_batch": dt, "slices_per_s": bs / dt,
+            "peak_mib": peak, "minflt_per_forward": faults}
+
+
 def bench_one(name: str, batch_sizes: list[int], img_size: int, device: str, repeats: int, min_time: float) -> dict:
-    """Time ``model(x)`` under no_grad for each batch size; returns a JSON-able dict."""
+    """:func:`time_forward` for each batch size; returns a JSON-able dict."""
     import torch
 
     from napari_tae.models import build_model, count_parameters
 
-    dev = torch.device(device)
-    model = build_model(name, img_size=img_size).eval().to(dev)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    model = build_model(name, img_size=img_size).eval().to(torch.device(device))
     out = {"model": name, "params": count_parameters(model), "device": device,
            "threads": torch.get_num_threads(), "base_mib": _rss_mib(), "runs": []}
     for bs in batch_sizes:
-        x = torch.rand(bs, 1, img_size, img_size, device=dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad(), amp:
-            model(x)  # warm-up (allocator, kernels)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            n, t0 = 0, time.perf_counter()
-            while n < repeats or time.perf_counter() - t0 < min_time:
-                model(x)
-                n += 1
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / n
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else _rss_mib()
-        out["runs"].append({"batch": bs, "s_per_batch": dt, "slices_per_s": bs / dt, "peak_mib": peak})
+        out["runs"].append(time_forward(model, bs, device, repeats, min_time))
     return out
 
 
@@ -112,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if args._single:
+        from napari_tae._allocator import keep_freed_memory
+
+        keep_freed_memory()  # as inference does (docs/speed.md)
         print(json.dumps(bench_one(args._single, args.batch_sizes, args.img_size, device, args.repeats, args.min_time)))
         return
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._allocator import keep_freed_memory, release_freed_memory
 from .brain import resolve_brain_mask
 from .export import mask_settings
 from .options import DEVICE_CHOICES
@@ -227,6 +228,7 @@ def iter_reconstruct(
     if _model_device(model) not in (None, device):
         model.to(device)
     model.eval()
+    keep_freed_memory()  # activations reused, not mapped afresh for every batch (docs/speed.md)
     try:
         start = 0
         while start < todo.size:
@@ -251,6 +253,7 @@ def iter_reconstruct(
             yield total, total
     finally:
         model.train(was_training)
+        release_freed_memory()
 
     reconstruction = prepared.grid.to_native(recon_model)
     # brain beyond the model's field (wider than mm_per_px * size) was never seen: no residual

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from napari_tae._allocator import keep_freed_memory
 from napari_tae._atomic import atomic_path
 from napari_tae.brain import SKULL_STRIP_CHOICES
 from napari_tae.io import error_line
@@ -897,6 +898,7 @@ def run_training(args: argparse.Namespace, inputs: _Inputs | None = None) -> nn.
     """
     if inputs is None:
         inputs = _check_inputs(args)
+    keep_freed_memory()  # activations and gradients reused across steps (docs/speed.md)
     dist_info = setup_distributed(args.device)
     device = dist_info.device
     out = Path(args.out)

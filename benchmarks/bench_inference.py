@@ -1,0 +1,334 @@
+"""CPU inference: throughput, memory, what the allocator limits and channels-last bring, cost growth.
+
+Usage::
+
+    python benchmarks/bench_inference.py              # about 5 minutes on a 2-core CPU, one core busy
+    python benchmarks/bench_inference.py --quick      # smoke test, under a minute
+    python benchmarks/bench_inference.py --models ae_spatial h_tae_s --ab-models ae_spatial dc_tae h_tae_s
+    python benchmarks/bench_inference.py --plot /tmp/cost_growth.png
+
+Every measurement runs in its own subprocess, so that peak memory (the process's peak resident
+set size, imports and weights included) belongs to it alone. Three parts:
+
+1. Throughput of every model at its paper config (256 x 256), as the program runs it (allocator
+   limits set, channels-last CNN blocks): slices/s at batch 1 and 16 with 1 and 2 torch threads,
+   peak RSS, minor page faults per forward pass, and the time of a 155-slice volume at batch 16
+   from the 1-thread rate.
+2. Speed-ups, measured in the same run, at 1 thread and ``--ab-batch`` (8, the CLI's and the
+   widget's default): each ``--ab-models`` model in a process without the allocator limits
+   (glibc's defaults), then in one with them (the two runs adjacent in time); in the latter, for
+   models with CNN blocks, NCHW blocks and channels-last ones alternate ``--rounds`` times.
+3. Cost growth: :func:`napari_tae.inference.reconstruct` (the program's path: preprocessing,
+   batches of 16, back to the native grid) on random volumes of 16, 64 and 155 slices at 256 x 256
+   and of 155 slices at 64 and 128, for ``--growth-models``; time and peak RSS (reset before each
+   point), plotted to ``--plot`` (matplotlib, Agg).
+
+Not a test: the figures depend on the machine and its load (docs/speed.md has measured ones).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import _rss_mib, time_forward  # noqa: E402
+
+_logger = logging.getLogger("bench_inference")
+ROOT = Path(__file__).resolve().parents[1]
+NETWORKS = ["b_tae", "sc_tae", "dc_tae", "h_tae", "h_tae_s", "ae_dense", "ae_spatial", "vae", "vq_vae"]
+WITH_CNN_BLOCKS = {"sc_tae", "dc_tae", "ae_dense", "ae_spatial", "vae", "vq_vae"}
+VOLUME_SLICES = 155
+
+
+# --------------------------------------------------------------------------------------------
+# subprocess side
+# --------------------------------------------------------------------------------------------
+def _configure(allocator: bool) -> None:
+    if allocator:
+        from napari_tae._allocator import keep_freed_memory
+
+        keep_freed_memory()
+
+
+def _throughput(args: argparse.Namespace) -> dict:
+    import torch
+
+    from napari_tae.models import build_model
+
+    model = build_model(args.model, img_size=args.img_size).eval()
+    runs = []
+    # batch sizes in increasing order, so that the peak RSS after each is that batch size's; the
+    # first thread count warms the heap and kernels up for the next
+    for bs in sorted(args.batch_sizes):
+        for i, threads in enumerate(args.threads):
+            torch.set_num_threads(threads)
+            runs.append(time_forward(model, bs, "cpu", args.repeats, args.min_time, warmup=2 if i == 0 else 1))
+    return {"model": args.model, "runs": runs}
+
+
+def _compare(args: argparse.Namespace) -> dict:
+    """1 thread, ``--ab-batch``: as the program runs, then (CNN blocks) NCHW and channels-last in turn."""
+    import torch
+    from torch import nn
+
+    from napari_tae.models import blocks, build_model
+
+    torch.set_num_threads(1)
+    model = build_model(args.model, img_size=args.img_size).eval()
+    runs: dict[str, list[dict]] = {"nhwc": [time_forward(model, args.ab_batch, "cpu", args.repeats, args.min_time)]}
+    if args.allocator == "on" and args.model in WITH_CNN_BLOCKS:
+        channels_last = blocks._ChannelsLastSequential.forward
+        for _ in range(args.rounds):
+            for layout, forward in (("nchw", nn.Sequential.forward), ("nhwc", channels_last)):
+                # nchw: the blocks as they were, plain nn.Sequential on the layout that comes in
+                blocks._ChannelsLastSequential.forward = forward
+                runs.setdefault(layout, []).append(
+                    time_forward(model, args.ab_batch, "cpu", args.repeats, args.min_time, warmup=1))
+    return {"model": args.model, "allocator": args.allocator, "runs": runs}
+
+
+def _growth(args: argparse.Namespace) -> dict:
+    """Every growth point in this process, the peak RSS reset before each (Linux)."""
+    import numpy as np
+    import torch
+
+    from napari_tae.inference import reconstruct
+    from napari_tae.models import build_model
+
+    torch.set_num_threads(1)
+    points = []
+    for size, slices in _growth_points(args.quick):
+        model = build_model(args.model, img_size=size).eval()
+        volume = np.random.default_rng(0).random((slices, size, size), dtype=np.float32)
+        brain = np.ones(volume.shape, bool)  # every slice goes through the model
+        base = _status_mib("VmRSS")
+        reset = _reset_peak()
+        t0 = time.perf_counter()
+        reconstruct(model, volume, brain=brain, device="cpu", batch_size=16)
+        points.append({"model": args.model, "img_size": size, "slices": slices, "time_s": time.perf_counter() - t0,
+                       "peak_mib": _status_mib("VmHWM") if reset else _rss_mib(), "base_mib": base})
+        del model, volume, brain
+    return {"model": args.model, "points": points}
+
+
+def _reset_peak() -> bool:
+    """Reset the process's peak RSS (Linux: clear_refs 5); False where it cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB (NaN where there is none)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# parent side
+# --------------------------------------------------------------------------------------------
+def _child(*argv: str, args: argparse.Namespace) -> dict | None:
+    common = ["--img-size", str(args.img_size), "--repeats", str(args.repeats), "--min-time", str(args.min_time),
+              "--rounds", str(args.rounds), "--ab-batch", str(args.ab_batch)]
+    cmd = [sys.executable, __file__, *argv, *common, *(["--quick"] if args.quick else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        _logger.error("%s failed:\n%s", " ".join(argv), proc.stderr[-2000:])
+        return None
+    _logger.info("  (%s: %.0f s)", " ".join(argv), time.perf_counter() - t0)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _by(result: dict, bs: int, threads: int) -> dict:
+    return next(r for r in result["runs"] if r["batch"] == bs and r["threads"] == threads)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _throughput_table(results: list[dict], args: argparse.Namespace) -> str:
+    big = max(args.batch_sizes)
+    head = ["model"]
+    for bs in args.batch_sizes:
+        head += [f"b{bs} t{t} slices/s" for t in args.threads] + [f"b{bs} peak MiB", f"b{bs} faults/pass"]
+    head.append(f"{VOLUME_SLICES} slices b{big} t1 (s)")
+    rows = [head]
+    for res in results:
+        row = [res["model"]]
+        for bs in args.batch_sizes:
+            runs = [_by(res, bs, t) for t in args.threads]
+            row += [f"{r['slices_per_s']:.1f}" for r in runs]
+            row += [f"{max(r['peak_mib'] for r in runs):.0f}", f"{_by(res, bs, 1)['minflt_per_forward']:.0f}"]
+        row.append(f"{VOLUME_SLICES / _by(res, big, 1)['slices_per_s']:.1f}")
+        rows.append(row)
+    return _table(rows)
+
+
+def _speedup_rows(model: str, with_: dict, without: dict) -> list[list[str]]:
+    """Allocator limits: the first run of each process (adjacent in time); channels-last: the
+    alternated runs of the process with the limits."""
+    on, off = with_["runs"]["nhwc"][0], without["runs"]["nhwc"][0]
+    rows = [[model, "allocator limits", f"{on['slices_per_s']:.1f}", f"{off['slices_per_s']:.1f}",
+             f"{on['slices_per_s'] / off['slices_per_s']:.2f}x",
+             f"{on['minflt_per_forward']:.0f} / {off['minflt_per_forward']:.0f}",
+             f"{on['peak_mib']:.0f} / {off['peak_mib']:.0f}"]]
+    nchw = with_["runs"].get("nchw")
+    if nchw:
+        nhwc = with_["runs"]["nhwc"][1:]
+        ratios = sorted(a["slices_per_s"] / b["slices_per_s"] for a, b in zip(nhwc, nchw))
+        rows.append([model, "channels-last", " ".join(f"{r['slices_per_s']:.1f}" for r in nhwc),
+                     " ".join(f"{r['slices_per_s']:.1f}" for r in nchw),
+                     " ".join(f"{r:.2f}x" for r in ratios), "", ""])
+    return rows
+
+
+def _growth_points(quick: bool) -> list[tuple[int, int]]:
+    """(img_size, slices): slices at the largest size, sizes at the most slices."""
+    sizes, slices = ([64, 128], [8, 32]) if quick else ([64, 128, 256], [16, 64, VOLUME_SLICES])
+    points = [(sizes[-1], n) for n in slices]
+    return points + [(s, slices[-1]) for s in sizes[:-1]]
+
+
+def _plot(growth: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(7.5, 5.5), sharex="col")
+    big = max(g["img_size"] for g in growth)
+    most = max(g["slices"] for g in growth)
+    for model in dict.fromkeys(g["model"] for g in growth):
+        by_slices = sorted((g["slices"], g) for g in growth if g["model"] == model and g["img_size"] == big)
+        by_size = sorted((g["img_size"], g) for g in growth if g["model"] == model and g["slices"] == most)
+        for col, points in enumerate((by_slices, by_size)):
+            xs = [x for x, _ in points]
+            axes[0, col].plot(xs, [g["time_s"] for _, g in points], "o-", label=model)
+            axes[1, col].plot(xs, [g["peak_mib"] - g["base_mib"] for _, g in points], "o-", label=model)
+            axes[1, col].set_xticks(xs)
+    axes[0, 0].set_ylabel("time (s)")
+    axes[1, 0].set_ylabel("peak RSS above the\nloaded model (MiB)")
+    axes[1, 0].set_xlabel(f"slices ({big} x {big})")
+    axes[1, 1].set_xlabel(f"input size ({most} slices)")
+    axes[0, 0].set_title("against number of slices", fontsize=10)
+    axes[0, 1].set_title("against input size", fontsize=10)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("reconstruct() on the CPU, batch 16, 1 thread", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None, help="throughput part (default: every network)")
+    parser.add_argument("--ab-models", nargs="*", default=["ae_spatial", "h_tae_s"],
+                        help="speed-up part: models run with and without each change")
+    parser.add_argument("--growth-models", nargs="*", default=["ae_spatial", "b_tae"], help="cost-growth part")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--ab-batch", type=int, default=8, help="batch of the speed-up part (the CLI's default)")
+    parser.add_argument("--img-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=1, help="timed forwards per setting (at least)")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds to keep timing (at least)")
+    parser.add_argument("--rounds", type=int, default=2, help="NCHW / channels-last alternations")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "cost_growth.png")
+    parser.add_argument("--json", type=Path, default=None, help="also write every result to this file")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: two small models at 128, batch 1 and 4, small growth points")
+    parser.add_argument("--_throughput", dest="model_throughput", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_compare", dest="model_compare", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_growth", dest="model_growth", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models = args.models or ["ae_spatial", "b_tae"]
+        args.ab_models = [m for m in args.ab_models if m in args.models] or ["ae_spatial"]
+        args.growth_models = args.growth_models[:1]
+        args.batch_sizes, args.ab_batch, args.img_size, args.min_time, args.rounds = [1, 4], 4, 128, 0.2, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    child_work = {"model_throughput": _throughput, "model_compare": _compare, "model_growth": _growth}
+    for dest, work in child_work.items():
+        if getattr(args, dest):
+            args.model = getattr(args, dest)
+            _configure(args.allocator == "on")
+            print(json.dumps(work(args)))
+            return
+
+    started = time.perf_counter()
+    results, speedups, growth = [], [], []
+    for model in args.models or NETWORKS:
+        res = _child("--_throughput", model, "--batch-sizes", *map(str, args.batch_sizes),
+                     "--threads", *map(str, args.threads), args=args)
+        if res is not None:
+            results.append(res)
+            _logger.info("%s: %s", model, ", ".join(
+                f"b{r['batch']} t{r['threads']} {r['slices_per_s']:.1f}/s" for r in res["runs"]))
+    for model in args.ab_models:
+        # without first, so that its run and the first one with the limits are adjacent in time
+        without = _child("--_compare", model, "--allocator", "off", args=args)
+        with_ = _child("--_compare", model, args=args)
+        if with_ is not None and without is not None:
+            speedups.append({"model": model, "with": with_, "without": without})
+            _logger.info("%s", "; ".join(" ".join(row[:5]) for row in _speedup_rows(model, with_, without)))
+    for model in args.growth_models:
+        res = _child("--_growth", model, args=args)
+        if res is not None:
+            growth += res["points"]
+
+    if not results:
+        raise SystemExit("no model ran")
+    print(f"\nCPU float32, img_size={args.img_size}; peak = process peak RSS (imports and weights "
+          f"included); faults = minor page faults per timed forward at 1 thread")
+    print(_throughput_table(results, args))
+    if speedups:
+        print(f"\nspeed-ups at batch {args.ab_batch}, 1 thread, slices/s with the change and without it:")
+        rows = [["model", "change", "with", "without", "ratio", "faults/pass with / without",
+                 "peak MiB with / without"]]
+        for item in speedups:
+            rows += _speedup_rows(item["model"], item["with"], item["without"])
+        print(_table(rows))
+    if growth:
+        print(f"\ncost growth, reconstruct() at batch 16, 1 thread ({args.plot}):")
+        print(_table([["model", "size", "slices", "time (s)", "slices/s", "peak MiB", "above model MiB"]] + [
+            [g["model"], str(g["img_size"]), str(g["slices"]), f"{g['time_s']:.1f}",
+             f"{g['slices'] / g['time_s']:.1f}", f"{g['peak_mib']:.0f}", f"{g['peak_mib'] - g['base_mib']:.0f}"]
+            for g in growth]))
+        _plot(growth, args.plot)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; largest child peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps({"throughput": results, "speedups": speedups, "growth": growth}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
