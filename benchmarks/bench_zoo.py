@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     args = parse_args(argv)
     if importlib.util.find_spec("matplotlib") is None:  # before hours of training, not after
-        raise SystemExit("the figures need matplotlib: pip install matplotlib (or pip install -e '.[bench]')")
+        raise SystemExit("the figures need matplotlib: pip install matplotlib (or pip install -e '.[test]')")
     try:
         overrides = resolve_overrides(args.models, args.img_size, parse_overrides(args.override))
     except ValueError as exc:
