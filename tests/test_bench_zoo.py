@@ -127,7 +127,6 @@ def test_lesion_slices_most_lesion_first_apart_and_never_empty(bz):
 
 
 def test_figures_are_small_pngs(bz, tmp_path):
-    pytest.importorskip("matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")
