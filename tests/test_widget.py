@@ -789,6 +789,13 @@ def test_brain_mask_layer_is_editable_and_used_by_the_next_run(make_napari_viewe
     widget.run()
     brain_layer = viewer.layers["flair brain mask"]
     assert brain_layer.__class__.__name__ == "Labels"
+    # an outline in its own colour: the brain is not tinted, the anomaly mask stays the cyan one
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_tae.plugin._layers import ANOMALY_COLOUR, BRAIN_MASK_COLOUR
+
+    assert brain_layer.contour >= 1 and BRAIN_MASK_COLOUR != ANOMALY_COLOUR
+    np.testing.assert_allclose(brain_layer.colormap.map(np.array([1]))[0], transform_color(BRAIN_MASK_COLOUR)[0])
     np.testing.assert_array_equal(brain_layer.data > 0, widget._active.brain)
     np.testing.assert_allclose(brain_layer.scale, layer.scale)
     assert brain_layer.metadata[GEOMETRY_KEY] is layer.metadata[GEOMETRY_KEY]  # saved on its grid

@@ -18,11 +18,13 @@ from napari_tae.preprocess import brain_mask
 __all__ = [
     "ANOMALY_COLOUR",
     "AXIS_LABELS",
+    "BRAIN_MASK_COLOUR",
     "DICOM_KEY",
     "GEOMETRY_KEY",
     "RADIOLOGICAL_ORIENTATION",
     "REFERENCE_COLOUR",
     "SideBySide",
+    "brain_mask_style",
     "contrast_limits",
     "follow_threshold",
     "layer_kwargs",
@@ -103,6 +105,16 @@ def single_colour(colour: str) -> Any:
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: colour, 0: "transparent"})
+
+
+#: the brain mask's outline: visible on grey FLAIR, away from the anomaly cyan and reference magenta
+BRAIN_MASK_COLOUR = "#ffd400"
+
+
+def brain_mask_style() -> dict[str, Any]:
+    """``add_labels`` keywords of the brain mask a run used: an outline, so it shows where the
+    extraction ended without tinting the brain; painting and erasing work as on any Labels layer."""
+    return {"colormap": single_colour(BRAIN_MASK_COLOUR), "opacity": 0.8, "contour": 1}
 
 
 def reference_style() -> dict[str, Any]:

@@ -550,7 +550,7 @@ class AnomalyWidget(QWidget):
     def _set_brain_mask(self, source, brain: np.ndarray) -> None:
         """Show the brain mask the run used as an editable Labels layer and choose it for the
         next run: paint or erase it, then Re-run uses it."""
-        from napari_tae.plugin._layers import GEOMETRY_KEY, layer_kwargs
+        from napari_tae.plugin._layers import GEOMETRY_KEY, brain_mask_style, layer_kwargs
 
         name = f"{source.name} brain mask"
         layer = self._brain_layers.get(source)
@@ -562,7 +562,10 @@ class AnomalyWidget(QWidget):
             # with the input's geometry: same units on the canvas, saved back on its grid
             kw = (layer_kwargs(geometry, name) if geometry is not None else
                   {"name": name, "scale": source.scale, "translate": source.translate, "metadata": {}})
-            layer = self.viewer.add_labels(data, opacity=0.25, **kw)
+            style = brain_mask_style()
+            contour = style.pop("contour")  # not an add_labels keyword
+            layer = self.viewer.add_labels(data, **kw, **style)
+            layer.contour = contour
             self._brain_layers[source] = layer
         self.mask_combo.setCurrentIndex(max(self.mask_combo.findData(layer), 0))
 
