@@ -69,10 +69,13 @@ PAINT_DEBOUNCE_MS = 150
 #: The brain-mask chooser's entries before the Labels layers: the skull-stripping modes of
 #: napari_tae.brain (docs/preprocessing.md), as the CLI's --skull-strip.
 BRAIN_MASK_MODES = (
-    ("(automatic: extract the brain of a head)", "auto"),
-    ("(extract the brain: deepbet)", "always"),
-    ("(the non-background voxels)", "never"),
+    ("(automatic)", "auto"),
+    ("(extract: deepbet)", "always"),
+    ("(non-background)", "never"),
 )
+
+#: characters a layer or model chooser shows before eliding (the dock fits a 1280 x 800 screen)
+COMBO_MIN_CHARS = 18
 NEXT_KEY, PREV_KEY = "n", "Shift-N"  # 'p' is napari's paint-mode key on Labels layers
 
 
@@ -153,6 +156,10 @@ class AnomalyWidget(QWidget):
         self.mask_combo = QComboBox()
         self.model_combo = QComboBox()
         self.device_combo = QComboBox()
+        for combo in (self.image_combo, self.mask_combo, self.model_combo):
+            # long layer or checkpoint names are elided: they must not widen the dock past the screen
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(COMBO_MIN_CHARS)
         self.device_combo.addItems(list(DEVICE_CHOICES))
         self.device_combo.setCurrentText(s.device)
         self.device_label = QLabel()
