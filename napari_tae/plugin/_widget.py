@@ -399,20 +399,20 @@ class AnomalyWidget(QWidget):
         layer = self.image_combo.currentData()
         return layer if layer is not None and layer in self.viewer.layers else None
 
-    def _brain(self, layer, shape: tuple[int, ...]) -> tuple[bool, np.ndarray | str]:
-        """The chosen brain mask layer as bool, else the skull-stripping mode (``auto``,
-        ``always``, ``never``: napari_tae.brain); False if the layer doesn't fit."""
+    def _brain(self, layer, shape: tuple[int, ...]) -> tuple[bool, np.ndarray | None, str]:
+        """``(fits, brain, skull_strip)``: the chosen brain mask layer as bool (None for a
+        skull-stripping mode of napari_tae.brain, or when it doesn't fit) and the mode."""
         chosen = self.mask_combo.currentData()
         if isinstance(chosen, str):
-            return True, chosen
+            return True, None, chosen
         if chosen is None or chosen not in self.viewer.layers:
-            return True, "auto"
+            return True, None, "auto"
         brain = np.asarray(chosen.data) > 0
         if brain.shape != shape:
             self._error(f"Brain mask '{chosen.name}' shape {brain.shape} doesn't match "
                         f"'{layer.name}' {shape}.")
-            return False, "auto"
-        return True, brain
+            return False, None, "auto"
+        return True, brain, "auto"
 
     def _edits_to_keep(self, layer) -> tuple[bool, EditRecord | None]:
         """Ask before a re-run replaces a mask with manual edits: (go on, edits to carry over)."""
@@ -444,9 +444,7 @@ class AnomalyWidget(QWidget):
             self._error("Choose a 3D FLAIR image layer and a model first.")
             return
         data = np.asarray(layer.data, dtype=np.float32)
-        fits, brain = self._brain(layer, data.shape)
-        skull_strip = brain if isinstance(brain, str) else "auto"
-        brain = None if isinstance(brain, str) else brain
+        fits, brain, skull_strip = self._brain(layer, data.shape)
         go_on, keep = self._edits_to_keep(layer) if fits else (False, None)
         if not go_on:
             return
@@ -525,7 +523,7 @@ class AnomalyWidget(QWidget):
             spacing=tuple(float(v) for v in layer.scale),
             origin=tuple(float(v) for v in layer.translate),
             geometry=layer.metadata.get(GEOMETRY_KEY),
-            checkpoint=str(spec), meta=meta, device=device,
+            checkpoint=str(spec), meta=meta,
             run_settings=rec.settings,
             normalised=rec.normalised,
         )
@@ -547,34 +545,35 @@ class AnomalyWidget(QWidget):
         self._set_result(state, "residual", rec.residual, layer)
         self._set_result(state, "score", state.score(post.score), layer)
         self._set_result(state, "anomaly mask", labels, layer)
-        self._set_brain_mask(layer, rec.brain)
+        self._set_brain_mask(layer, state)
         self._show_lesions(state)
         if calibrated_squash(meta, post.score, post.kernel, post.mode) is None:
             self.reset_squash()  # no calibrated value: the per-scan one, now that the score exists
         self._info(f"Done on {device}: {len(state.lesions)} lesion(s) in '{layer.name}' "
                    f"(brain mask: {rec.brain_method.replace('_', '-')}).")
 
-    def _set_brain_mask(self, source, brain: np.ndarray) -> None:
+    def _set_brain_mask(self, source, state: ReviewState) -> None:
         """Show the brain mask the run used as an editable Labels layer and choose it for the
         next run: paint or erase it, then Re-run uses it."""
-        from napari_tae.plugin._layers import GEOMETRY_KEY, brain_mask_style, layer_kwargs
+        from napari_tae.plugin._layers import brain_mask_style
 
-        name = f"{source.name} brain mask"
         layer = self._brain_layers.get(source)
-        data = np.asarray(brain, dtype=np.uint8)
+        data = np.asarray(state.brain, dtype=np.uint8)
         if layer is not None and layer in self.viewer.layers:
             _replace_data(layer, data)
         else:
-            geometry = source.metadata.get(GEOMETRY_KEY)
             # with the input's geometry: same units on the canvas, saved back on its grid
-            kw = (layer_kwargs(geometry, name) if geometry is not None else
-                  {"name": name, "scale": source.scale, "translate": source.translate, "metadata": {}})
-            style = brain_mask_style()
-            contour = style.pop("contour")  # not an add_labels keyword
-            layer = self.viewer.add_labels(data, **kw, **style)
-            layer.contour = contour
+            kw = _placement(state.geometry, f"{source.name} brain mask", source)
+            layer = self._add_outlined_labels(data, brain_mask_style(), kw)
             self._brain_layers[source] = layer
         self.mask_combo.setCurrentIndex(max(self.mask_combo.findData(layer), 0))
+
+    def _add_outlined_labels(self, data: np.ndarray, style: dict[str, Any], kw: dict[str, Any]):
+        style = dict(style)
+        contour = style.pop("contour")  # not an add_labels keyword
+        layer = self.viewer.add_labels(data, **style, **kw)
+        layer.contour = contour
+        return layer
 
     # ----------------------------------------------------------------------------- layers
     def result_layer(self, state: ReviewState | None, kind: str):
@@ -584,20 +583,10 @@ class AnomalyWidget(QWidget):
 
     def _set_result(self, state: ReviewState, kind: str, data: np.ndarray, source) -> None:
         """Write a result into its layer (one assignment of its data), adding it if needed."""
-        from napari_tae.plugin._layers import (
-            layer_kwargs,
-            residual_limits,
-            result_style,
-        )
+        from napari_tae.plugin._layers import residual_limits, result_style
 
-        name = f"{state.source_name} {kind}"
-        metadata = {RESULT_KEY: kind, SOURCE_KEY: state.source_name}
-        if state.geometry is not None:
-            kw = layer_kwargs(state.geometry, name)
-            kw["metadata"] = {**kw["metadata"], **metadata}
-        else:
-            kw = {"name": name, "scale": source.scale, "translate": source.translate,
-                  "metadata": metadata}
+        kw = _placement(state.geometry, f"{state.source_name} {kind}", source)
+        kw["metadata"] = {**kw["metadata"], RESULT_KEY: kind, SOURCE_KEY: state.source_name}
         layer = self.result_layer(state, kind)
         squash = self.post_settings().squash
         if layer is not None:
@@ -610,10 +599,7 @@ class AnomalyWidget(QWidget):
             if kind == "residual":
                 layer.contrast_limits = residual_limits(data, squash)
         elif kind == "anomaly mask":
-            style = result_style(kind, squash=squash, data=data)
-            contour = style.pop("contour")  # not an add_labels keyword
-            layer = self.viewer.add_labels(data, **style, **kw)
-            layer.contour = contour
+            layer = self._add_outlined_labels(data, result_style(kind, squash=squash, data=data), kw)
             # after brush strokes, relabel and refresh the table (the edits are kept)
             layer.events.paint.connect(lambda _e: self._post_timer.start(PAINT_DEBOUNCE_MS))
         else:
@@ -922,6 +908,16 @@ class AnomalyWidget(QWidget):
 
         self.status.setText(message)
         show_info(message)
+
+
+def _placement(geometry: Any, name: str, source: Any) -> dict[str, Any]:
+    """``name``, ``scale``, ``translate`` and ``metadata`` of a layer on ``source``'s grid: from
+    its geometry when it has one (saved back on that grid), else from the layer itself."""
+    from napari_tae.plugin._layers import layer_kwargs
+
+    if geometry is not None:
+        return layer_kwargs(geometry, name)
+    return {"name": name, "scale": source.scale, "translate": source.translate, "metadata": {}}
 
 
 def _replace_data(layer, data: np.ndarray) -> None:

@@ -248,7 +248,6 @@ class ReviewState:
     geometry: Any = None                 # napari_tae.io.Geometry, or None for plain arrays
     checkpoint: str = "intensity"        # path, bundled name or "intensity"
     meta: Any = None                     # napari_tae.checkpoint.CheckpointMeta or None
-    device: str = "cpu"
     post: PostSettings = field(default_factory=PostSettings)
     written: np.ndarray | None = None
     lesions: list[dict] = field(default_factory=list)
