@@ -40,12 +40,13 @@ _logger = logging.getLogger("training.calibrate")
 ANOMALY_KINDS = ("ms", "tumour")
 
 
-def _reconstruct(model, data: np.ndarray, spacing, preprocessing: dict[str, Any], device, batch_size: int):
+def _reconstruct(model, data: np.ndarray, spacing, preprocessing: dict[str, Any], device, batch_size: int,
+                 brain: np.ndarray | None = None):
     from napari_tae.inference import reconstruct
 
     # the plugin's path: brain extraction, normalisation and pixel size as the checkpoint records them
-    return reconstruct(model, data, meta=SimpleNamespace(preprocessing=preprocessing), spacing=spacing,
-                       skull_strip=preprocessing.get("skull_strip", "auto"), device=device,
+    return reconstruct(model, data, brain=brain, meta=SimpleNamespace(preprocessing=preprocessing),
+                       spacing=spacing, skull_strip=preprocessing.get("skull_strip", "auto"), device=device,
                        batch_size=batch_size)
 
 
@@ -127,7 +128,9 @@ def calibrate_detector(
         if not parameter_free:
             data, labels = add_anomalies(np.where(rec.brain, volume.data, 0), seed + i, ANOMALY_KINDS,
                                          brain=rec.brain, spacing=spacing)
-            anomalous.append((_reconstruct(model, data, spacing, preprocessing, device, batch_size), labels > 0))
+            # the healthy volume's brain: its anomalies lie inside it, and it is not extracted twice
+            anomalous.append((_reconstruct(model, data, spacing, preprocessing, device, batch_size, rec.brain),
+                              labels > 0))
         _logger.info("calibration volume %d/%d: %s", i + 1, len(healthy), path.name)
 
     specs = [ScoreSpec("residual")]
