@@ -211,6 +211,29 @@ def test_hierarchical_windows_adapt_and_global_option():
         assert glob(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
 
 
+@pytest.mark.parametrize("budget", [1, 2 ** 40])  # one slice per chunk; the whole batch at once
+def test_hierarchical_final_expansion_in_chunks_matches_the_plain_head(monkeypatch, budget):
+    from napari_tae.models import hierarchical
+
+    monkeypatch.setattr(hierarchical, "_EXPAND_CHUNK_BYTES", budget)
+    torch.manual_seed(0)
+    model = build_model("h_tae_s", img_size=64, **SMALL["h_tae_s"]).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        # the decoder as written before: the whole batch expanded, then the 1x1 conv on NCHW
+        feats = model._encode(x)
+        y = feats[-1]
+        for j, stage in enumerate(model.dec_stages):
+            y = model.expands[j](y)
+            if j > 0:
+                y = model.skip_norms[j](y + feats[len(model.dec_stages) - 1 - j])
+            y = stage(y)
+        reference = model.head(model.final_expand(model.dec_norm(y)).permute(0, 3, 1, 2))
+    assert out.shape == reference.shape == (3, 1, 64, 64) and out.is_contiguous()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_skip_connections_only_in_h_tae_s():
     x = torch.rand(1, 1, 64, 64)
     for name, skip in (("h_tae", False), ("h_tae_s", True)):

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from timm.models.vision_transformer import Block
@@ -33,6 +34,9 @@ from ._registry import register_model
 from .blocks import PatchExpand
 
 __all__ = ["HTAEConfig", "HierarchicalTAE"]
+
+#: Largest expanded map built at once by the final expansion (see ``forward_decoder``).
+_EXPAND_CHUNK_BYTES = 32 * 2 ** 20
 
 
 @dataclasses.dataclass
@@ -181,8 +185,15 @@ class HierarchicalTAE(ReconstructionModel):
             if self.skip and j > 0:
                 x = self.skip_norms[j](x + skips[n - 1 - j])
             x = self.dec_stages[j](x)
-        x = self.final_expand(self.dec_norm(x))
-        return self.head(x.permute(0, 3, 1, 2))  # NHWC -> NCHW
+        x = self.dec_norm(x)
+        # the final x(p*p) expansion, a few slices at a time: at 256 px one slice's expanded map
+        # is 25 MiB, a batch of 16 400 MiB, which glibc would map afresh on every pass
+        # (docs/speed.md); every op here works slice by slice, so the output is unchanged
+        slice_bytes = x.shape[1] * x.shape[2] * self.final_expand.expand.out_features * x.element_size()
+        step = max(1, _EXPAND_CHUNK_BYTES // slice_bytes)
+        weight = self.head.weight.flatten(1)  # the 1x1 conv as a linear map on NHWC: no layout copy
+        out = torch.cat([F.linear(self.final_expand(part), weight, self.head.bias) for part in x.split(step)])
+        return out.permute(0, 3, 1, 2)  # NHWC -> NCHW (one channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
