@@ -53,6 +53,11 @@ __all__ = [
 
 _logger = logging.getLogger("napari_tae.cli")
 
+#: The demo's score: the sample comes from the generator the bundled models were trained on, where
+#: the residual is what they are good at; the checkpoints' default (fused) is for real scans, on
+#: which their residual is weak (napari_tae/checkpoints/README.md, quality benchmark)
+DEMO_SCORE = "residual"
+
 #: Kinds of ``export.OUTPUT_KINDS`` written for DICOM inputs only.
 _DICOM_ONLY_KINDS = ("seg",)
 #: Files written per NIfTI input, ``<name><suffix>`` in the output folder (a DICOM input adds the SEG).
@@ -651,6 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--checkpoint", metavar="FILE_OR_NAME", default=None, help="default: bundled default")
     demo.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    demo.add_argument(
+        "--score",
+        choices=SCORES,
+        default=DEMO_SCORE,
+        help=f"score of the run (default: {DEMO_SCORE}, what the bundled models do best on the sample, "
+        "which comes from their own training generator; real scans: the checkpoint's default)",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from napari_tae._atomic import atomic_path
+from napari_tae.scores import threshold_percentile
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -116,6 +117,8 @@ def mask_settings(meta: Any, spec: Any, *, kernel: int, mode: str, squash: float
         "squash_source": squash_source,
         "score": spec.name,
         "score_params": spec.to_dict(),
+        # which healthy-brain percentile a calibrated squash is (docs/scores.md)
+        "squash_percentile": threshold_percentile(meta, spec.name) if squash_source == "calibrated" else None,
         "calibration": dict(getattr(meta, "calibration", None) or {}),
         "min_size": int(min_size),
         "connectivity": 26,

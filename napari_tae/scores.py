@@ -12,8 +12,9 @@ positive residual ``r = brain * max(x - x_hat, 0)`` and the brain mask:
 
 A checkpoint stores, in its ``scores`` metadata, the parameters of the scores it offers, its
 default score and a calibration table: for every score, median kernel and mode, the 99th, 99.5th
-and 99.9th percentiles of the median-filtered score on healthy brain voxels. Without a calibrated
-value the threshold falls back to a robust per-scan one (:func:`robust_squash`).
+and 99.9th percentiles of the median-filtered score on healthy brain voxels; and, per score, which
+of the three is its label-free threshold (``percentiles``; the 99th where absent). Without a
+calibrated value the threshold falls back to a robust per-scan one (:func:`robust_squash`).
 
 Percentiles of median-filtered scores are exact and fast without the median filter
 (:func:`napari_tae.postprocess.filtered_quantiles`).
@@ -58,13 +59,16 @@ __all__ = [
     "default_score",
     "label_free_squash",
     "robust_squash",
+    "threshold_percentile",
     "score_spec",
     "squash_limit",
 ]
 
 SCORES: tuple[str, ...] = ("residual", "fused", "prior")
 #: Candidate weights of the fused score, picked by AUPRC on synthetic anomalous validation volumes.
-FUSED_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+#: They stop at 1 (the residual never outweighs the FLAIR): on synthetic lesions AUPRC grows with
+#: ``w`` without bound, on real scans it peaks between 0.5 and 1 (docs/scores.md, "The weight's range").
+FUSED_WEIGHTS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
 #: Candidate percentiles of healthy brain intensity for the prior's threshold, picked the same way.
 PRIOR_PERCENTILES: tuple[float, ...] = (50.0, 75.0, 90.0, 95.0)
 #: Median kernels and modes of the calibration table: every value the widget offers.
@@ -74,7 +78,6 @@ TABLE_MODES: tuple[str, ...] = MEDIAN_MODES
 ROBUST_MADS = 3.0
 #: ... and never below the scan's own (1 - ROBUST_MAX_FRACTION) quantile: at most 2 % of the brain.
 ROBUST_MAX_FRACTION = 0.02
-_DEFAULT_KEY = f"p{CALIBRATION_PERCENTILES[0]:g}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,18 +238,26 @@ def calibration_table(
     return rows
 
 
+def threshold_percentile(meta: Any, score: str) -> float:
+    """The calibration percentile that is ``score``'s label-free threshold (99 where not chosen)."""
+    chosen = _score_meta(meta).get("percentiles") or {}
+    return float(chosen.get(score, CALIBRATION_PERCENTILES[0]))
+
+
 def calibrated_squash(meta: Any, score: str, kernel: int, mode: str) -> float | None:
     """The calibrated default squash (percent) for this score and median, or None.
 
-    Looks the table up; a checkpoint from before the table (one ``calibration`` for the residual)
-    keeps its single value for every kernel, as it always had.
+    Looks the table up at the score's :func:`threshold_percentile`; a checkpoint from before the
+    table (one ``calibration`` for the residual) keeps its single value for every kernel, as it
+    always had.
     """
     stored = _score_meta(meta)
     table = stored.get("table")
     if table:
+        key = f"p{threshold_percentile(meta, score):g}"
         for row in table:
             if row.get("score") == score and row.get("kernel") == int(kernel) and row.get("mode") == mode:
-                return float(row[_DEFAULT_KEY])
+                return float(row[key])
         return None
     calibration = getattr(meta, "calibration", None) or {}
     if score == "residual" and "default" in calibration:
@@ -305,8 +316,17 @@ def check_score_meta(scores: Any) -> str | None:
                 return f"score {name!r} lacks a numeric {key!r}"
     if default != "residual" and default not in scores:
         return f"default score {default!r} has no parameters"
+    percentiles = scores.get("percentiles", {}) or {}
+    if not isinstance(percentiles, dict):
+        return f"metadata field 'scores.percentiles' should be dict, got {type(percentiles).__name__}"
+    for name, value in percentiles.items():
+        if name not in SCORES or value not in CALIBRATION_PERCENTILES:
+            return (f"threshold percentile {value!r} of score {name!r} is not one of the calibrated "
+                    f"{', '.join(f'{p:g}' for p in CALIBRATION_PERCENTILES)}")
     for row in scores.get("table", []) or []:
         if not isinstance(row, dict) or row.get("score") not in SCORES or row.get("mode") not in TABLE_MODES \
-                or not isinstance(row.get("kernel"), int) or not isinstance(row.get(_DEFAULT_KEY), (int, float)):
+                or not isinstance(row.get("kernel"), int) \
+                or not isinstance(row.get(f"p{percentiles.get(row['score'], CALIBRATION_PERCENTILES[0]):g}"),
+                                  (int, float)):
             return f"malformed calibration table row {row!r}"
     return None

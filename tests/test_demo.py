@@ -18,6 +18,7 @@ pytest.importorskip("qtpy")
 # torch/timm before any OpenGL context: importing them after one segfaults (triton, PyQt6)
 import napari_tae.inference  # noqa: E402, F401
 import napari_tae.models  # noqa: E402, F401
+from napari_tae.cli import DEMO_SCORE, CLIError  # noqa: E402
 from napari_tae.settings import CONFIG_ENV  # noqa: E402
 
 
@@ -50,6 +51,7 @@ def test_demo_layers_model_and_visible_mask(make_napari_viewer, qtbot):
     viewer = make_napari_viewer(show=True)
     widget = build_demo(viewer, synchronous=True)
     assert widget.checkpoint_spec() == default_checkpoint() != "intensity"
+    assert widget.score_combo.currentText() == DEMO_SCORE
     assert widget.image_layer().name == SAMPLE_NAME
     assert viewer.scene.camera.orientation[1:] == ("up", "left")  # radiological: patient right on the left
     image = viewer.layers[SAMPLE_NAME]
@@ -76,6 +78,13 @@ def test_demo_layers_model_and_visible_mask(make_napari_viewer, qtbot):
     direction = colour - without[changed].mean(axis=0)
     shift = (with_mask[changed] - without[changed]).mean(axis=0)
     assert float(np.dot(direction, shift)) > 0
+
+
+def test_demo_refuses_a_score_the_model_lacks(make_napari_viewer):
+    from napari_tae.plugin._demo import build_demo
+
+    with pytest.raises(CLIError, match="demo: intensity has no calibrated 'prior' score"):
+        build_demo(make_napari_viewer(), checkpoint="intensity", score="prior")
 
 
 def test_demo_screenshot_command(tmp_path):

@@ -21,11 +21,13 @@ from napari_tae.scores import (
     available_scores,
     calibrated_squash,
     calibration_table,
+    check_score_meta,
     default_score,
     label_free_squash,
     robust_squash,
     score_spec,
     squash_limit,
+    threshold_percentile,
 )
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "mslub_patient07"
@@ -81,6 +83,23 @@ def test_calibration_table_lookup_and_old_checkpoints():
     assert squash_limit(META, ScoreSpec()) == 40.0
     assert squash_limit(OLD, ScoreSpec()) == SQUASH_FLOOR
     assert squash_limit(None, ScoreSpec()) == 100.0
+
+
+def test_chosen_threshold_percentile_is_looked_up():
+    chosen = SimpleNamespace(**{**vars(META), "scores": {**META.scores, "percentiles": {"fused": 99.9,
+                                                                                        "residual": 99.5}}})
+    assert threshold_percentile(chosen, "fused") == 99.9 and threshold_percentile(chosen, "prior") == 99.0
+    assert calibrated_squash(chosen, "fused", 5, "2d") == 90.0
+    assert calibrated_squash(chosen, "residual", 3, "3d") == 13.0
+    assert label_free_squash(chosen, "residual", 5, "2d") == (14.0, "calibrated")
+    assert threshold_percentile(META, "fused") == 99.0 and threshold_percentile(None, "fused") == 99.0
+    assert check_score_meta(chosen.scores) is None
+    assert "not one of the calibrated 99, 99.5, 99.9" in check_score_meta({**chosen.scores,
+                                                                          "percentiles": {"fused": 98.0}})
+    # a row lacking the chosen percentile is malformed
+    bad = {**META.scores, "percentiles": {"fused": 99.9}, "table": [{"score": "fused", "kernel": 5, "mode": "2d",
+                                                                     "p99": 70.0}]}
+    assert "malformed calibration table row" in check_score_meta(bad)
 
 
 def _robust_reference(score, brain, size):

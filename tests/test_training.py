@@ -103,6 +103,27 @@ def _evaluate(dataset: Path, checkpoint: Path, out_json: Path, *extra: str) -> d
     return json.loads(out_json.read_text())
 
 
+def test_threshold_percentile_by_pooled_dice_by_hand():
+    from types import SimpleNamespace
+
+    from napari_tae.scores import ScoreSpec
+    from training.calibrate import _select_percentile
+
+    # kernel 1: no median. 8 brain voxels: scores 0.1..0.8, lesion = the top two
+    x = np.zeros((1, 2, 4), np.float32)
+    r = np.arange(1, 9, dtype=np.float32).reshape(1, 2, 4) / 10
+    brain = np.ones_like(r, bool)
+    label = r > 0.65
+    rec = SimpleNamespace(normalised=x, residual=r, brain=brain)
+    rows = [{"score": "residual", "kernel": 1, "mode": "2d", "p99": 45.0, "p99.5": 65.0, "p99.9": 75.0}]
+    best, dice = _select_percentile(ScoreSpec(), rows, [(rec, label)], 1, "2d")
+    # p99: 4 flagged, 2 hits -> 4 / 6; p99.5: exactly the lesion -> 1; p99.9: 1 flagged -> 2 / 3
+    assert dice == pytest.approx({"p99": 4 / 6, "p99.5": 1.0, "p99.9": 2 / 3}) and best == 99.5
+    # ties go to the lower percentile
+    rows[0]["p99.9"] = 65.0
+    assert _select_percentile(ScoreSpec(), rows, [(rec, label)], 1, "2d")[0] == 99.5
+
+
 def test_train_writes_calibrated_checkpoint(trained: Path):
     from napari_tae.checkpoint import load_checkpoint
 
@@ -110,9 +131,9 @@ def test_train_writes_calibrated_checkpoint(trained: Path):
     assert meta.model_name == "ae_spatial" and meta.img_size == 64 and meta.config["channels"] == [32, 64, 64]
     assert set(meta.calibration) >= {"p99", "p99.5", "p99.9", "default"}
     assert 0 < meta.calibration["p99"] <= meta.calibration["p99.5"] <= meta.calibration["p99.9"] < 100
-    assert meta.calibration["default"] == meta.calibration["p99"]
     # the scores: w and the prior's percentile picked among the candidates, their AUPRC stored,
-    # and a calibration row per score, kernel and mode; the residual's row is the calibration
+    # a calibration row per score, kernel and mode (the residual's row is the calibration), and
+    # each score's threshold percentile, the one with the best Dice on the anomalous volumes
     from napari_tae.scores import (
         FUSED_WEIGHTS,
         PRIOR_PERCENTILES,
@@ -128,7 +149,14 @@ def test_train_writes_calibrated_checkpoint(trained: Path):
     best = max(scores["fused"]["auprc"].values())
     assert scores["fused"]["auprc"][f"{scores['fused']['weight']:g}"] == best
     assert len(scores["table"]) == 3 * len(TABLE_KERNELS) * len(TABLE_MODES)
-    assert calibrated_squash(meta, "residual", 5, "2d") == pytest.approx(meta.calibration["p99"])
+    chosen = scores["percentiles"]
+    assert set(chosen) == {"residual", "fused", "prior"}
+    for name, percentile in chosen.items():
+        dice = scores["percentiles_chosen_by"]["dice"][name]
+        assert set(dice) == {"p99", "p99.5", "p99.9"} and dice[f"p{percentile:g}"] == max(dice.values())
+    key = f"p{chosen['residual']:g}"
+    assert meta.calibration["default"] == meta.calibration[key]
+    assert calibrated_squash(meta, "residual", 5, "2d") == pytest.approx(meta.calibration[key])
     # per-volume normalisation: the settings are stored, not one volume's window
     assert meta.preprocessing["normalisation"] == "per_volume"
     assert meta.preprocessing["upper_percentile"] == 99.5 and "low" not in meta.preprocessing

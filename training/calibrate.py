@@ -6,13 +6,15 @@ its metadata; the weights and their sha256 are unchanged) or to write the ``inte
 metadata. See docs/scores.md:
 
 1. the prior's threshold candidates: percentiles of healthy normalised brain intensity;
-2. synthetic anomalous validation volumes: the healthy validation volumes with MS-like lesions and
-   a tumour-like mass inserted by :func:`napari_tae.synthetic.add_anomalies` (seeded), never a
-   real label;
+2. synthetic anomalous validation volumes: each healthy validation volume with MS-like lesions or
+   a tumour-like mass (in turn) inserted by :func:`napari_tae.synthetic.add_anomalies` (seeded),
+   never a real label;
 3. the fused score's weight ``w`` and the prior's percentile: the candidates' best pooled AUPRC of
    the median-filtered score on those volumes (:class:`training.metrics.BinnedScores`);
 4. the calibration table of every score on the healthy volumes, per median kernel and mode
-   (:func:`napari_tae.scores.calibration_table`).
+   (:func:`napari_tae.scores.calibration_table`);
+5. each score's label-free threshold: the table percentile (99, 99.5 or 99.9) whose threshold gives
+   the best pooled Dice on the synthetic anomalous volumes.
 
 A parameter-free model (the intensity baseline) gets the residual's table only: its residual is
 the FLAIR itself, so the fused and prior scores would rank voxels the same way.
@@ -65,6 +67,29 @@ def _select(candidates: dict[Any, Any], anomalous: list[tuple[Any, np.ndarray]],
         auprc[f"{key:g}"] = acc.average_precision()
     best = max(candidates, key=lambda k: (np.nan_to_num(auprc[f"{k:g}"], nan=-1.0), -k))
     return best, auprc
+
+
+def _select_percentile(spec, rows: list[dict[str, Any]], anomalous: list[tuple[Any, np.ndarray]], kernel: int,
+                       mode: str) -> tuple[float, dict[str, float]]:
+    """The table percentile whose threshold (this kernel and mode) gives the best pooled Dice of
+    the label-free mask on the anomalous volumes; ties go to the lower percentile."""
+    from napari_tae.postprocess import CALIBRATION_PERCENTILES, median_filtered
+
+    row = next(r for r in rows if r["score"] == spec.name and r["kernel"] == kernel and r["mode"] == mode)
+    filtered = [(median_filtered(spec.compute(rec.normalised, rec.residual, rec.brain), kernel, mode), label,
+                 np.asarray(rec.brain, bool)) for rec, label in anomalous]
+    dice = {}
+    for p in CALIBRATION_PERCENTILES:
+        threshold = row[f"p{p:g}"] / 100.0
+        hits = flagged = truth = 0
+        for score, label, brain in filtered:
+            mask = (score > threshold) & brain
+            hits += int(np.count_nonzero(mask & label))
+            flagged += int(np.count_nonzero(mask))
+            truth += int(np.count_nonzero(label & brain))
+        dice[f"p{p:g}"] = 2 * hits / (flagged + truth) if flagged + truth else float("nan")
+    best = max(CALIBRATION_PERCENTILES, key=lambda p: (np.nan_to_num(dice[f"p{p:g}"], nan=-1.0), -p))
+    return float(best), dice
 
 
 def calibrate_detector(
@@ -125,20 +150,22 @@ def calibrate_detector(
         if lesion_path is not None:
             brain = brain & ~(load_mask(lesion_path).data > 0)
         healthy_rec.append((rec.normalised, rec.residual, brain))
-        if not parameter_free:
-            data, labels = add_anomalies(np.where(rec.brain, volume.data, 0), seed + i, ANOMALY_KINDS,
-                                         brain=rec.brain, spacing=spacing)
-            # the healthy volume's brain: its anomalies lie inside it, and it is not extracted twice
-            anomalous.append((_reconstruct(model, data, spacing, preprocessing, device, batch_size, rec.brain),
-                              labels > 0))
+        # one kind per volume, in turn: a patient has MS lesions or a tumour, and the lesion load
+        # sets the best threshold
+        data, labels = add_anomalies(np.where(rec.brain, volume.data, 0), seed + i,
+                                     (ANOMALY_KINDS[i % len(ANOMALY_KINDS)],), brain=rec.brain, spacing=spacing)
+        # the healthy volume's brain: its anomalies lie inside it, and it is not extracted twice
+        anomalous.append((_reconstruct(model, data, spacing, preprocessing, device, batch_size, rec.brain),
+                          labels > 0))
         _logger.info("calibration volume %d/%d: %s", i + 1, len(healthy), path.name)
 
     specs = [ScoreSpec("residual")]
     scores: dict[str, Any] = {"default": default_score}
+    validation = (f"{len(anomalous)} synthetic anomalous validation volume(s) (one of "
+                  f"{', '.join(ANOMALY_KINDS)} inserted in turn, seed {seed})")
     if not parameter_free:
         kernel, mode = calibration_kernel, calibration_mode
-        note = (f"AUPRC of the median-filtered score (kernel {kernel}, {mode}) on {len(anomalous)} "
-                f"synthetic anomalous validation volume(s) ({', '.join(ANOMALY_KINDS)} inserted, seed {seed})")
+        note = f"AUPRC of the median-filtered score (kernel {kernel}, {mode}) on {validation}"
         weight, auprc = _select({w: ScoreSpec("fused", weight=w) for w in FUSED_WEIGHTS}, anomalous,
                                 kernel, mode, n_bins)
         scores["fused"] = {"weight": float(weight), "chosen_by": note, "auprc": auprc}
@@ -152,9 +179,16 @@ def calibrate_detector(
         specs += [ScoreSpec("fused", weight=float(weight)), ScoreSpec("prior", threshold=float(levels[percentile]))]
         _logger.info("fused weight %g, prior at the %g-th percentile (%.3f)", weight, percentile, levels[percentile])
     scores["table"] = calibration_table(specs, healthy_rec)
+    chosen = {spec.name: _select_percentile(spec, scores["table"], anomalous, calibration_kernel, calibration_mode)
+              for spec in specs}
+    scores["percentiles"] = {name: p for name, (p, _) in chosen.items()}
+    scores["percentiles_chosen_by"] = {
+        "note": f"pooled Dice of the label-free mask (kernel {calibration_kernel}, {calibration_mode}) on {validation}",
+        "dice": {name: dice for name, (_, dice) in chosen.items()}}
     scores["calibration_volumes"] = len(healthy)
     calibration = calibrate([r for _, r, _ in healthy_rec], [b for _, _, b in healthy_rec],
                             kernel=calibration_kernel, mode=calibration_mode)
+    calibration["default"] = calibration[f"p{scores['percentiles']['residual']:g}"]
     return calibration, scores
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_tae.cli import CLIError
+from napari_tae.cli import DEMO_SCORE, CLIError
 from napari_tae.plugin._layers import set_radiological_view
 
 __all__ = ["build_demo", "run_demo"]
@@ -23,8 +23,8 @@ DEMO_WINDOW = (1280, 800)
 
 
 def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "auto",
-               synchronous: bool = False) -> Any:
-    """Load the sample into ``viewer``, dock the anomaly widget and select the model.
+               synchronous: bool = False, score: str = DEMO_SCORE) -> Any:
+    """Load the sample into ``viewer``, dock the anomaly widget and select the model and score.
 
     napari is imported inside the functions, so that importing this module stays cheap. Returns the docked ``AnomalyWidget``.
     """
@@ -54,6 +54,10 @@ def build_demo(viewer: Any, *, checkpoint: str | None = None, device: str = "aut
         index = widget.model_combo.findData(spec)
         widget.model_combo.setCurrentIndex(index)
     widget.device_combo.setCurrentText(device)
+    if widget.score_combo.findText(score) < 0:
+        offered = [widget.score_combo.itemText(i) for i in range(widget.score_combo.count())]
+        raise CLIError(f"demo: {spec} has no calibrated {score!r} score (available: {', '.join(offered)})")
+    widget.score_combo.setCurrentText(score)
     set_radiological_view(viewer)
     # open on the axial slice with the most ground truth, so the lesions are in view
     truth = layers[1][0]
@@ -118,9 +122,10 @@ def run_demo(args: argparse.Namespace) -> int:
     viewer = napari.Viewer(title="napari-tae demo")
     try:
         widget = build_demo(viewer, checkpoint=args.checkpoint, device=args.device,
-                            synchronous=headless)
+                            synchronous=headless, score=args.score)
         if not headless:
-            _logger.info("demo: model '%s' selected; press Run in the dock", widget.checkpoint_spec())
+            _logger.info("demo: model '%s' with the %s score selected; press Run in the dock",
+                         widget.checkpoint_spec(), args.score)
             napari.run()
             return 0
         # a laptop screen: the layout must fit 1280 x 800 with the lesion table readable
