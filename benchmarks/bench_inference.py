@@ -12,13 +12,16 @@ set size, imports and weights included) belongs to it alone. Three parts:
 
 1. Throughput of every model at its paper config (256 x 256), as the program runs it (allocator
    limits set, channels-last CNN blocks): slices/s at batch 1 and 16 with 1 and 2 torch threads,
-   peak RSS, minor page faults per forward pass, and the time of a 155-slice volume at batch 16
-   from the 1-thread rate.
+   peak RSS, minor page faults per forward pass, and the time of a 155-slice volume at the largest
+   batch from each thread count's rate.
 2. Speed-ups, measured in the same run, at 1 thread and ``--ab-batch`` (8, the CLI's and the
    widget's default): each ``--ab-models`` model in a process without the allocator limits
    (glibc's defaults), then in one with them (the two runs adjacent in time); in the latter, for
    models with CNN blocks, NCHW blocks and channels-last ones alternate ``--rounds`` times.
-3. Cost growth: :func:`napari_tae.inference.reconstruct` (the program's path: preprocessing,
+3. CPU bfloat16 (``--precision bfloat16``): each ``--bf16-models`` model at ``--ab-batch`` and the
+   largest ``--threads``, float32 and bfloat16 alternated ``--rounds`` times through the program's
+   forward pass, and the largest difference of their outputs on one random batch.
+4. Cost growth: :func:`napari_tae.inference.reconstruct` (the program's path: preprocessing,
    batches of 16, back to the native grid) on random volumes of 16, 64 and 155 slices at 256 x 256
    and of 155 slices at 64 and 128, for ``--growth-models``; time and peak RSS (reset before each
    point), plotted to ``--plot`` (matplotlib, Agg).
@@ -33,6 +36,7 @@ import logging
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +95,33 @@ def _compare(args: argparse.Namespace) -> dict:
                 runs.setdefault(layout, []).append(
                     time_forward(model, args.ab_batch, "cpu", args.repeats, args.min_time, warmup=1))
     return {"model": args.model, "allocator": args.allocator, "runs": runs}
+
+
+def _bf16(args: argparse.Namespace) -> dict:
+    """float32 and bfloat16 alternated, as ``iter_reconstruct`` runs them (``_forward_batch``)."""
+    import numpy as np
+    import torch
+
+    from napari_tae.inference import _forward_batch
+    from napari_tae.models import build_model
+
+    threads = max(args.threads)
+    torch.set_num_threads(threads)
+    model = build_model(args.model, img_size=args.img_size).eval()
+    batch = np.random.default_rng(0).random((args.ab_batch, args.img_size, args.img_size), dtype=np.float32)
+    device = torch.device("cpu")
+    rates: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    outputs = {}
+    for _ in range(args.rounds):
+        for precision in rates:
+            outputs[precision] = _forward_batch(model, batch, device, precision)  # warm-up
+            n, t0 = 0, time.perf_counter()
+            while n < args.repeats or time.perf_counter() - t0 < args.min_time:
+                _forward_batch(model, batch, device, precision)
+                n += 1
+            rates[precision].append(n * args.ab_batch / (time.perf_counter() - t0))
+    return {"model": args.model, "threads": threads, "rates": rates,
+            "max_abs_difference": float(np.abs(outputs["bfloat16"] - outputs["float32"]).max())}
 
 
 def _growth(args: argparse.Namespace) -> dict:
@@ -172,7 +203,7 @@ def _throughput_table(results: list[dict], args: argparse.Namespace) -> str:
     head = ["model"]
     for bs in args.batch_sizes:
         head += [f"b{bs} t{t} slices/s" for t in args.threads] + [f"b{bs} peak MiB", f"b{bs} faults/pass"]
-    head.append(f"{VOLUME_SLICES} slices b{big} t1 (s)")
+    head += [f"{VOLUME_SLICES} slices b{big} t{t} (s)" for t in args.threads]
     rows = [head]
     for res in results:
         row = [res["model"]]
@@ -180,7 +211,7 @@ def _throughput_table(results: list[dict], args: argparse.Namespace) -> str:
             runs = [_by(res, bs, t) for t in args.threads]
             row += [f"{r['slices_per_s']:.1f}" for r in runs]
             row += [f"{max(r['peak_mib'] for r in runs):.0f}", f"{_by(res, bs, 1)['minflt_per_forward']:.0f}"]
-        row.append(f"{VOLUME_SLICES / _by(res, big, 1)['slices_per_s']:.1f}")
+        row += [f"{VOLUME_SLICES / _by(res, big, t)['slices_per_s']:.1f}" for t in args.threads]
         rows.append(row)
     return _table(rows)
 
@@ -248,6 +279,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="*", default=None, help="throughput part (default: every network)")
     parser.add_argument("--ab-models", nargs="*", default=["ae_spatial", "h_tae_s"],
                         help="speed-up part: models run with and without each change")
+    parser.add_argument("--bf16-models", nargs="*", default=["ae_spatial", "dc_tae", "h_tae_s"],
+                        help="CPU bfloat16 part")
     parser.add_argument("--growth-models", nargs="*", default=["ae_spatial", "b_tae"], help="cost-growth part")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
@@ -256,19 +289,25 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed forwards per setting (at least)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds to keep timing (at least)")
     parser.add_argument("--rounds", type=int, default=2, help="NCHW / channels-last alternations")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "cost_growth.png")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="cost-growth plot (default docs/img/cost_growth.png; with --quick, the temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write every result to this file")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: two small models at 128, batch 1 and 4, small growth points")
     parser.add_argument("--_throughput", dest="model_throughput", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_compare", dest="model_compare", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_growth", dest="model_growth", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_bf16", dest="model_bf16", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plot is None:  # a smoke test must not replace the committed figure
+        args.plot = (Path(tempfile.gettempdir()) / "cost_growth_quick.png" if args.quick
+                     else ROOT / "docs" / "img" / "cost_growth.png")
     if args.quick:
         args.models = args.models or ["ae_spatial", "b_tae"]
         args.ab_models = [m for m in args.ab_models if m in args.models] or ["ae_spatial"]
         args.growth_models = args.growth_models[:1]
+        args.bf16_models = [m for m in args.bf16_models if m in args.models] or ["ae_spatial"]
         args.batch_sizes, args.ab_batch, args.img_size, args.min_time, args.rounds = [1, 4], 4, 128, 0.2, 1
     return args
 
@@ -276,7 +315,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    child_work = {"model_throughput": _throughput, "model_compare": _compare, "model_growth": _growth}
+    child_work = {"model_throughput": _throughput, "model_compare": _compare, "model_growth": _growth,
+                  "model_bf16": _bf16}
     for dest, work in child_work.items():
         if getattr(args, dest):
             args.model = getattr(args, dest)
@@ -285,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     started = time.perf_counter()
-    results, speedups, growth = [], [], []
+    results, speedups, growth, bf16 = [], [], [], []
     for model in args.models or NETWORKS:
         res = _child("--_throughput", model, "--batch-sizes", *map(str, args.batch_sizes),
                      "--threads", *map(str, args.threads), args=args)
@@ -300,6 +340,10 @@ def main(argv: list[str] | None = None) -> None:
         if with_ is not None and without is not None:
             speedups.append({"model": model, "with": with_, "without": without})
             _logger.info("%s", "; ".join(" ".join(row[:5]) for row in _speedup_rows(model, with_, without)))
+    for model in args.bf16_models:
+        res = _child("--_bf16", model, "--threads", *map(str, args.threads), args=args)
+        if res is not None:
+            bf16.append(res)
     for model in args.growth_models:
         res = _child("--_growth", model, args=args)
         if res is not None:
@@ -317,6 +361,15 @@ def main(argv: list[str] | None = None) -> None:
         for item in speedups:
             rows += _speedup_rows(item["model"], item["with"], item["without"])
         print(_table(rows))
+    if bf16:
+        print(f"\nCPU bfloat16 against float32, batch {args.ab_batch}, {max(args.threads)} threads, slices/s "
+              "(alternated), and the largest output difference (untrained weights, random input):")
+        rows = [["model", "float32", "bfloat16", "ratio", "max |difference|"]]
+        for item in bf16:
+            f32, b16 = item["rates"]["float32"], item["rates"]["bfloat16"]
+            rows.append([item["model"], " ".join(f"{r:.1f}" for r in f32), " ".join(f"{r:.1f}" for r in b16),
+                         " ".join(f"{b / f:.2f}x" for f, b in zip(f32, b16)), f"{item['max_abs_difference']:.4f}"])
+        print(_table(rows))
     if growth:
         print(f"\ncost growth, reconstruct() at batch 16, 1 thread ({args.plot}):")
         print(_table([["model", "size", "slices", "time (s)", "slices/s", "peak MiB", "above model MiB"]] + [
@@ -327,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntotal {time.perf_counter() - started:.0f} s; largest child peak RSS "
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
     if args.json:
-        args.json.write_text(json.dumps({"throughput": results, "speedups": speedups, "growth": growth}, indent=2))
+        args.json.write_text(json.dumps({"throughput": results, "speedups": speedups, "growth": growth,
+                                         "bf16": bf16}, indent=2))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def _pct(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{100 * value:.2f} %"
 
 
-def run(inputs: EvalInputs, title: str, rows: list[tuple[str, str, str | None]]) -> dict[str, dict]:
+def run(inputs: EvalInputs, title: str, rows: list[tuple[str, str, str | None]],
+        precision: str = "auto") -> dict[str, dict]:
     print(f"\n## {title}\n")
     print("| detector | score | AUROC | AUPRC | [DSC] | label-free Dice | threshold | "
           "brain flagged (healthy / lesion-free test) |")
@@ -80,7 +81,7 @@ def run(inputs: EvalInputs, title: str, rows: list[tuple[str, str, str | None]])
     for row, spec, score in rows:
         model, meta = load_model(spec)
         res = evaluate(model, meta, inputs, kernel=KERNEL, mode=MODE, score=score, n_bins=20_000,
-                       device="cpu", cache=caches.setdefault(spec, {}))
+                       device="cpu", cache=caches.setdefault(spec, {}), precision=precision)
         results[row] = res
         b, d, c = res["brain"], res["dsc_upper_bound"], res["calibrated"]
         squash = (f"{c['squash_percent']:.1f} %" if math.isfinite(c["squash_percent"])
@@ -129,6 +130,8 @@ def main() -> None:
                         "candidate file to replace it")
     parser.add_argument("--domain-randomisation", action="store_true",
                         help="a domain-randomised test split (docs/synthetic.md) instead of the plain one")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="the models' arithmetic on the CPU (docs/speed.md)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = detectors(args.default)
@@ -136,9 +139,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         split = run(synthetic_split(Path(tmp), args.seed, None if args.domain_randomisation else tuple(args.shape),
                                     args.domain_randomisation),
-                    f"(a) {kind} synthetic test split, seed {args.seed}, one volume per kind + 1 healthy", rows)
+                    f"(a) {kind} synthetic test split, seed {args.seed}, one volume per kind + 1 healthy, "
+                    f"{args.precision}", rows, args.precision)
     real_inputs = real_case()
-    real = run(real_inputs, f"(b) real case {REAL.name}", rows) if real_inputs else None
+    real = run(real_inputs, f"(b) real case {REAL.name}, {args.precision}", rows,
+               args.precision) if real_inputs else None
     targets(split, real, rows[0][0])
 
 

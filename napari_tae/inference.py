@@ -29,7 +29,7 @@ from torch import nn
 from ._allocator import keep_freed_memory, release_freed_memory
 from .brain import resolve_brain_mask
 from .export import mask_settings
-from .options import DEVICE_CHOICES
+from .options import DEVICE_CHOICES, PRECISIONS
 from .postprocess import anomaly_mask, lesion_table
 from .postprocess import residual as residual_map
 from .preprocess import NormParams, PreprocessOptions, prepare_volume
@@ -42,6 +42,7 @@ __all__ = [
     "inference_job",
     "iter_reconstruct",
     "reconstruct",
+    "resolve_precision",
     "segment",
     "select_device",
 ]
@@ -140,17 +141,28 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None  # parameter-free (the intensity baseline)
 
 
-def _forward_batch(model: nn.Module, batch: np.ndarray, device: torch.device, amp: bool) -> np.ndarray:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"bfloat16"`` or ``"float32"``: what ``precision`` (one of ``PRECISIONS``) means on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    if precision == "bfloat16" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"bfloat16 runs on CUDA or the CPU, not on {device.type}")
+    return precision
+
+
+def _forward_batch(model: nn.Module, batch: np.ndarray, device: torch.device, precision: str) -> np.ndarray:
     """One batch (B, S, S) -> reconstruction (B, S, S) float32 on the CPU.
 
     The grad/autocast modes are entered here, not around the generator's ``yield``: torch keeps
     them per thread, and a suspended generator must not leave them switched on for its consumer.
     """
     x = torch.from_numpy(batch).unsqueeze(1).to(device)  # (B, S, S) -> B x 1 x S x S
-    # bf16 needs no loss scaling and is safe for inference; CPU/MPS run in float32
+    # bf16 needs no loss scaling and is safe for inference
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if amp and device.type == "cuda"
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bfloat16"
         else contextlib.nullcontext()
     )
     with torch.inference_mode(), autocast:
@@ -170,7 +182,7 @@ def iter_reconstruct(
     options: PreprocessOptions | None = None,
     device: str | torch.device = "auto",
     batch_size: int = 8,
-    amp: bool = True,
+    precision: str = "auto",
 ) -> Generator[tuple[int, int], None, Reconstruction]:
     """Reconstruct a volume slice batch by slice batch; yields progress, returns the result.
 
@@ -196,7 +208,7 @@ def iter_reconstruct(
             (training's calibration passes the run's own).
         device: See :func:`select_device`.
         batch_size: Slices per forward pass (upper bound, halves on OOM).
-        amp: bfloat16 autocast on CUDA (ignored elsewhere).
+        precision: One of :data:`napari_tae.options.PRECISIONS` (:func:`resolve_precision`).
 
     Yields:
         ``(slices_done, total)`` after each batch; the last one is ``(total, total)``.
@@ -209,6 +221,7 @@ def iter_reconstruct(
     batch_size = int(batch_size)
     size = int(model.img_size)
     device = select_device(device)
+    precision = resolve_precision(precision, device)
     options = options or PreprocessOptions.from_meta(meta)
     if spacing is None and options.mm_per_px is not None:
         # a silent 1 mm guess would show the model the brain at the wrong scale
@@ -235,7 +248,7 @@ def iter_reconstruct(
             index = todo[start : start + batch_size]
             out = None
             try:
-                out = _forward_batch(model, prepared.slices[index], device, amp)
+                out = _forward_batch(model, prepared.slices[index], device, precision)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_out_of_memory(exc) or index.size == 1:
                     raise
@@ -269,7 +282,7 @@ def iter_reconstruct(
         "preprocessing": options.to_dict(),
         "device": str(device),
         "batch_size": batch_size,
-        "amp_bf16": bool(amp and device.type == "cuda"),
+        "precision": precision,
     }
     return Reconstruction(
         normalised=prepared.normalised,
@@ -340,7 +353,7 @@ def segment(
     skull_strip: str = "auto",
     device: str | torch.device = "auto",
     batch_size: int = 8,
-    amp: bool = True,
+    precision: str = "auto",
     score: str | None = None,
 ) -> Segmentation:
     """Full headless path: reconstruct, residual, mask and lesion table, with provenance.
@@ -357,7 +370,7 @@ def segment(
             (:func:`napari_tae.scores.label_free_squash`).
         min_size: Smallest connected component kept, in voxels.
         brain: Optional brain mask; else :func:`napari_tae.brain.resolve_brain_mask`.
-        skull_strip, device, batch_size, amp: As in :func:`iter_reconstruct`.
+        skull_strip, device, batch_size, precision: As in :func:`iter_reconstruct`.
         score: ``"residual"``, ``"fused"`` or ``"prior"`` (None: the checkpoint's default).
 
     Raises:
@@ -372,7 +385,7 @@ def segment(
     t0 = time.perf_counter()
     rec = reconstruct(
         model, data, brain=brain, meta=meta, spacing=spacing, skull_strip=skull_strip,
-        device=device, batch_size=batch_size, amp=amp,
+        device=device, batch_size=batch_size, precision=precision,
     )
     t1 = time.perf_counter()
     values = spec.compute(rec.normalised, rec.residual, rec.brain)

@@ -162,6 +162,23 @@ def test_segment_score_option_writes_the_thresholded_score(cases, tmp_path):
     np.testing.assert_array_equal(load_volume(out / "case_a_mask.nii.gz").data > 0, expected.mask)
 
 
+def test_segment_precision_bfloat16_on_the_cpu(cases, tmp_path):
+    from napari_tae.io import load_volume
+
+    ckpt = _fused_checkpoint(tmp_path)
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        assert main(["-q", "segment", str(cases["plain"]), "-m", str(ckpt), "-o", str(out), "--device", "cpu",
+                     "--precision", precision]) == 0
+        record = json.loads((out / "case_a_provenance.json").read_text())
+        assert record["settings"]["precision"] == precision
+        runs[precision] = load_volume(out / "case_a_reconstruction.nii.gz").data
+    # bfloat16 keeps 8 bits of mantissa: close to float32 (normalised units), not equal to it
+    difference = np.abs(runs["bfloat16"] - runs["float32"])
+    assert 0 < difference.max() < 0.05
+
+
 def test_segment_score_not_offered_is_one_line_before_any_file(cases, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["segment", str(cases["plain"]), "-m", "intensity", "-o", str(out), "--score", "prior"]) == 2

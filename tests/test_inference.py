@@ -241,6 +241,18 @@ def test_select_device_explicit(monkeypatch):
         select_device("cuda")
 
 
+def test_precision_resolved_per_device():
+    from napari_tae.inference import resolve_precision
+
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert resolve_precision("auto", cpu) == "float32" and resolve_precision("auto", cuda) == "bfloat16"
+    assert resolve_precision("auto", mps) == "float32" and resolve_precision("bfloat16", cpu) == "bfloat16"
+    with pytest.raises(ValueError, match="bfloat16 runs on CUDA or the CPU, not on mps"):
+        resolve_precision("bfloat16", mps)
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        resolve_precision("half", cpu)
+
+
 def test_bad_batch_size(volume, model):
     with pytest.raises(ValueError, match="batch_size"):
         reconstruct(model, volume, device="cpu", batch_size=0)
@@ -249,7 +261,8 @@ def test_bad_batch_size(volume, model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_close_to_cpu(volume, model):
     cpu = reconstruct(model, volume, device="cpu")
-    gpu = reconstruct(model, volume, device="cuda", amp=True)
+    gpu = reconstruct(model, volume, device="cuda", precision="auto")
+    assert gpu.settings["precision"] == "bfloat16"
     assert gpu.device.startswith("cuda")
     np.testing.assert_allclose(gpu.reconstruction, cpu.reconstruction, atol=0.05)
     model.to("cpu")

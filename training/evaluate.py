@@ -31,7 +31,7 @@ import numpy as np
 from napari_tae._atomic import write_text_atomic
 from napari_tae.export import jsonable
 from napari_tae.io import error_line, nifti_stem
-from napari_tae.options import MEDIAN_MODES, check_median_kernel
+from napari_tae.options import MEDIAN_MODES, PRECISIONS, check_median_kernel
 from napari_tae.scores import SCORES, ScoreSpec, label_free_squash, score_spec
 from training.data import InputError, configure_logging, pair_by_name, resolve_volumes
 from training.metrics import (
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--bins", type=int, default=100_000, help="score histogram bins on [0, 1]")
     group.add_argument("--device", default="auto")
     group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="the model's arithmetic (default auto: bfloat16 on CUDA, float32 elsewhere)")
     group = parser.add_argument_group("output")
     group.add_argument("--out-json", metavar="FILE")
     group.add_argument("--out-md", metavar="FILE")
@@ -168,8 +170,8 @@ class _Scorer:
     """
 
     def __init__(self, model, meta, *, kernel: int, mode: str, device: str, batch_size: int,
-                 spec: ScoreSpec, cache: dict | None = None):
-        self.model, self.meta, self.spec, self.cache = model, meta, spec, cache
+                 spec: ScoreSpec, cache: dict | None = None, precision: str = "auto"):
+        self.model, self.meta, self.spec, self.cache, self.precision = model, meta, spec, cache, precision
         self.kernel, self.mode, self.device, self.batch_size = kernel, mode, device, batch_size
 
     def __call__(self, image, supplied_brain: np.ndarray | None, path: Path):
@@ -181,7 +183,7 @@ class _Scorer:
             try:  # the brain mask and normalisation refuse volumes they cannot handle
                 rec = reconstruct(self.model, image.data, brain=supplied_brain, meta=self.meta,
                                   spacing=image.geometry.spacing, device=self.device,
-                                  batch_size=self.batch_size)
+                                  batch_size=self.batch_size, precision=self.precision)
             except ValueError as exc:
                 raise InputError(f"{path}: {exc}") from None
             if self.cache is not None:
@@ -203,17 +205,19 @@ def _summary(values) -> dict[str, float]:
 
 def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2d",
              squash: float | None = None, n_bins: int = 100_000, device: str = "auto",
-             batch_size: int = 8, score: str | None = None, cache: dict | None = None) -> dict[str, Any]:
+             batch_size: int = 8, score: str | None = None, cache: dict | None = None,
+             precision: str = "auto") -> dict[str, Any]:
     """Run the protocol volume by volume; returns the results as a JSON-ready dict.
 
-    ``score``: the checkpoint's default when None; ``cache``: see :class:`_Scorer`.
+    ``score``: the checkpoint's default when None; ``cache``: see :class:`_Scorer`; ``precision``:
+    :func:`napari_tae.inference.resolve_precision`.
     """
     try:
         spec = score_spec(meta, score)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     score_volume = _Scorer(model, meta, kernel=kernel, mode=mode, device=device, batch_size=batch_size,
-                           spec=spec, cache=cache)
+                           spec=spec, cache=cache, precision=precision)
     t0 = time.perf_counter()
 
     brain_acc = BinnedScores(n_bins, spec.upper)
@@ -332,7 +336,7 @@ def evaluate(model, meta, inputs: EvalInputs, *, kernel: int = 5, mode: str = "2
         "per_volume": per_volume,
         "settings": {"median_kernel": kernel, "median_mode": mode, "bins": n_bins,
                      "score": spec.to_dict(), "score_filter": "median, as the mask",
-                     "grid": "native voxels"},
+                     "grid": "native voxels", "precision": precision},
         "seconds": time.perf_counter() - t0,
     }
     if kind_acc:
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--device {args.device}: {error_line(exc)}") from None
         results = evaluate(model, meta, inputs, kernel=args.median_kernel, mode=args.median_mode,
                            squash=args.squash, n_bins=args.bins, device=device,
-                           batch_size=args.batch_size, score=args.score)
+                           batch_size=args.batch_size, score=args.score, precision=args.precision)
     except InputError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     results = {"model": name, "checkpoint": args.checkpoint, **results}
