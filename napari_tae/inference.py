@@ -424,6 +424,7 @@ def inference_job(
     skull_strip: str = "auto",
     device: str = "auto",
     batch_size: int = 8,
+    precision: str = "auto",
 ) -> Generator[tuple[int, int], None, tuple[Any, Any, str]]:
     """Generator for a napari thread worker: yields ``(slices_done, total)`` per batch.
 
@@ -438,6 +439,6 @@ def inference_job(
     # widget and the CLI give identical masks
     rec = yield from iter_reconstruct(
         model, data, brain=brain, meta=meta, spacing=spacing, skull_strip=skull_strip,
-        device=dev, batch_size=batch_size,
+        device=dev, batch_size=batch_size, precision=precision,
     )
     return rec, meta, str(dev)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_tae._atomic import write_text_atomic
-from napari_tae.options import DEVICE_CHOICES, MEDIAN_MODES
+from napari_tae.options import DEVICE_CHOICES, MEDIAN_MODES, PRECISIONS
 
 __all__ = [
     "CONFIG_ENV",
@@ -52,6 +52,7 @@ class Settings:
     min_size: float = 0.0
     min_size_unit: str = "voxels"
     batch_size: int = 8
+    precision: str = "auto"
 
     def add_recent(self, checkpoint: str) -> None:
         """Make ``checkpoint`` the last one used and move it to the front of the recent list."""
@@ -88,6 +89,8 @@ class Settings:
         batch = raw.get("batch_size")
         if isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1:
             s.batch_size = batch
+        if raw.get("precision") in PRECISIONS:
+            s.precision = raw["precision"]
         return s
 
 

@@ -31,7 +31,8 @@ def test_defaults_when_missing():
 
 
 def test_round_trip():
-    s = Settings(device="cpu", kernel=7, mode="3d", min_size=0.25, min_size_unit="mL", batch_size=4)
+    s = Settings(device="cpu", kernel=7, mode="3d", min_size=0.25, min_size_unit="mL", batch_size=4,
+                 precision="bfloat16")
     s.add_recent("/a/one.safetensors")
     s.add_recent("intensity")
     s.add_recent("/a/one.safetensors")  # moves to the front, no duplicate
@@ -62,10 +63,11 @@ def test_corrupt_file_ignored_with_warning(text):
 def test_bad_values_fall_back_per_field():
     settings_path().parent.mkdir(parents=True)
     raw = {"device": "tpu", "kernel": 4, "mode": "2d", "min_size": -1, "min_size_unit": "mL",
-           "recent_checkpoints": ["x", 3, None], "batch_size": True, "unknown": 1}
+           "recent_checkpoints": ["x", 3, None], "batch_size": True, "precision": "half", "unknown": 1}
     settings_path().write_text(json.dumps(raw))
     s = load_settings()
     assert s.device == "auto" and s.kernel == 5 and s.min_size == 0.0 and s.batch_size == 8
+    assert s.precision == "auto"
     assert s.min_size_unit == "mL" and s.recent_checkpoints == ["x"]
 
 

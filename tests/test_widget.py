@@ -259,7 +259,10 @@ def test_review_navigation_and_settings(make_napari_viewer, qtbot, files):
     viewer, widget, layer, _ = _widget(make_napari_viewer, files, synchronous=True)
     widget.kernel_spin.setValue(7)
     widget.squash_slider.setValue(0.5)
+    widget.precision_combo.setCurrentText("bfloat16")
     widget.run()
+    # the run used the chosen arithmetic, as the CLI's --precision does
+    assert widget._active.run_settings["precision"] == "bfloat16"
     lesions = widget._active.lesions
     assert lesions
     widget.go_to_lesion(0)
@@ -279,9 +282,11 @@ def test_review_navigation_and_settings(make_napari_viewer, qtbot, files):
 
     s = load_settings()
     assert s.device == "cpu" and s.kernel == 7 and s.last_checkpoint == str(files["ckpt"])
+    assert s.precision == "bfloat16"
     again = AnomalyWidget(viewer)
     assert again.checkpoint_spec() == str(files["ckpt"])
     assert again.kernel_spin.value() == 7 and again.device_combo.currentText() == "cpu"
+    assert again.precision_combo.currentText() == "bfloat16"
     again.close()
 
 
