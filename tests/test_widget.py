@@ -719,6 +719,10 @@ def test_manifest_menu_and_configuration():
     props = manifest.contributions.configurations[SECTION].properties
     assert set(props) == set(PREFERENCE_FIELDS)
     assert all(props[name].default == getattr(Settings(), name) for name in PREFERENCE_FIELDS)
+    # the choices are the shared vocabularies
+    from napari_tae.options import DEVICE_CHOICES, PRECISIONS
+
+    assert set(props["device"].enum) == set(DEVICE_CHOICES) and list(props["precision"].enum) == list(PRECISIONS)
 
 
 def test_layer_context_menu_docks_the_widget(make_napari_viewer, files):

@@ -20,7 +20,7 @@ _logger = logging.getLogger(__name__)
 PLUGIN_NAME = "napari-tae"
 SECTION = "defaults"
 #: The Settings fields declared in ``napari.yaml`` under ``configurations: defaults``.
-PREFERENCE_FIELDS = ("device", "batch_size", "kernel", "mode", "min_size", "min_size_unit")
+PREFERENCE_FIELDS = ("device", "batch_size", "precision", "kernel", "mode", "min_size", "min_size_unit")
 
 
 def napari_preferences() -> Any:
