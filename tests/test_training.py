@@ -124,6 +124,26 @@ def test_threshold_percentile_by_pooled_dice_by_hand():
     assert _select_percentile(ScoreSpec(), rows, [(rec, label)], 1, "2d")[0] == 99.5
 
 
+def test_calibration_volumes_carry_one_lesion_kind_each_in_turn(dataset: Path, monkeypatch):
+    import napari_tae.synthetic as synthetic
+    from napari_tae.models import build_model
+    from training.calibrate import ANOMALY_KINDS, calibrate_detector
+
+    asked = []
+    original = synthetic.add_anomalies
+
+    def recording(volume, seed, kinds, **kwargs):
+        asked.append(tuple(kinds))
+        return original(volume, seed, kinds, **kwargs)
+
+    monkeypatch.setattr(synthetic, "add_anomalies", recording)
+    healthy = sorted((dataset / "train").glob("*.nii.gz"))[:3]
+    _, scores = calibrate_detector(build_model("intensity"), healthy,
+                                   preprocessing={"normalisation": "per_volume", "upper_percentile": 99.5})
+    assert asked == [(ANOMALY_KINDS[i % 2],) for i in range(3)]
+    assert set(scores["percentiles"]) == {"residual"} and "in turn" in scores["percentiles_chosen_by"]["note"]
+
+
 def test_train_writes_calibrated_checkpoint(trained: Path):
     from napari_tae.checkpoint import load_checkpoint
 
