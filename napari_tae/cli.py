@@ -371,6 +371,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             score_spec(loaded[1], args.score)
         except ValueError as exc:
             raise CLIError(f"{args.checkpoint}: {exc}") from None
+    from napari_tae.inference import resolve_precision, select_device
+
+    try:  # an unusable device or precision, too, before any file
+        resolve_precision(args.precision, select_device(args.device))
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(f"--device {args.device} --precision {args.precision}: {exc}") from None
     if rank > 0:
         results = []  # planning failures are reported once, by rank 0
     mine = batch.shard(cases, rank, world)

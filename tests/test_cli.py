@@ -179,6 +179,21 @@ def test_segment_precision_bfloat16_on_the_cpu(cases, tmp_path):
     assert 0 < difference.max() < 0.05
 
 
+def test_segment_unusable_precision_is_one_line_before_any_file(cases, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from napari_tae import inference
+
+    monkeypatch.setattr(inference, "select_device", lambda _name: torch.device("mps"))
+    out = tmp_path / "out"
+    status = main(["segment", str(cases["plain"]), "-m", "intensity", "-o", str(out), "--device", "mps",
+                   "--precision", "bfloat16"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "--device mps --precision bfloat16: bfloat16 runs on CUDA or the CPU, not on mps" in err
+    assert not out.exists() or not list(out.iterdir())
+
+
 def test_segment_score_not_offered_is_one_line_before_any_file(cases, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["segment", str(cases["plain"]), "-m", "intensity", "-o", str(out), "--score", "prior"]) == 2
