@@ -16,8 +16,8 @@ metadata. See docs/scores.md:
 5. each score's label-free threshold: the table percentile (99, 99.5 or 99.9) whose threshold gives
    the best pooled Dice on the synthetic anomalous volumes.
 
-A parameter-free model (the intensity baseline) gets the residual's table only: its residual is
-the FLAIR itself, so the fused and prior scores would rank voxels the same way.
+A parameter-free model (the intensity baseline) gets the residual's table and threshold only: its
+residual is the FLAIR itself, so the fused and prior scores would rank voxels the same way.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def _select_percentile(spec, rows: list[dict[str, Any]], anomalous: list[tuple[A
     """The table percentile whose threshold (this kernel and mode) gives the best pooled Dice of
     the label-free mask on the anomalous volumes; ties go to the lower percentile."""
     from napari_tae.postprocess import CALIBRATION_PERCENTILES, median_filtered
+    from training.metrics import false_positive_counts
 
     row = next(r for r in rows if r["score"] == spec.name and r["kernel"] == kernel and r["mode"] == mode)
     filtered = [(median_filtered(spec.compute(rec.normalised, rec.residual, rec.brain), kernel, mode), label,
@@ -81,12 +82,13 @@ def _select_percentile(spec, rows: list[dict[str, Any]], anomalous: list[tuple[A
     dice = {}
     for p in CALIBRATION_PERCENTILES:
         threshold = row[f"p{p:g}"] / 100.0
+        # pooled over the volumes, as evaluate's label-free Dice: 2 TP / (|prediction| + |truth|)
         hits = flagged = truth = 0
         for score, label, brain in filtered:
-            mask = (score > threshold) & brain
-            hits += int(np.count_nonzero(mask & label))
-            flagged += int(np.count_nonzero(mask))
-            truth += int(np.count_nonzero(label & brain))
+            hit, lesion = false_positive_counts(score, threshold, label & brain)
+            hits += hit
+            truth += lesion
+            flagged += false_positive_counts(score, threshold, brain)[0]
         dice[f"p{p:g}"] = 2 * hits / (flagged + truth) if flagged + truth else float("nan")
     best = max(CALIBRATION_PERCENTILES, key=lambda p: (np.nan_to_num(dice[f"p{p:g}"], nan=-1.0), -p))
     return float(best), dice
