@@ -616,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the bundled default model)",
     )
     model_group.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto"
+        "--device", default="auto", choices=DEVICE_CHOICES, help="default: auto"
     )
     model_group.add_argument(
         "--precision", choices=PRECISIONS, default="auto",
