@@ -381,6 +381,18 @@ def test_evaluate_refuses_trainable_model_without_checkpoint(dataset: Path, caps
     assert exc.value.code == 2 and "--checkpoint" in capsys.readouterr().err
 
 
+def test_evaluate_unusable_precision_is_one_line_before_any_volume(dataset: Path, capsys, monkeypatch):
+    from napari_tae import inference
+
+    monkeypatch.setattr(inference, "select_device", lambda _name: torch.device("mps"))
+    with pytest.raises(SystemExit) as exc:
+        cli(["evaluate", "--model", "intensity", "--images", str(dataset / "test" / "images"),
+             "--labels", str(dataset / "test" / "labels"), "--precision", "bfloat16"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "--precision bfloat16: bfloat16 runs on CUDA or the CPU, not on mps" in err
+
+
 # ------------------------------------------------------------------------------- units
 
 

@@ -400,12 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inputs = check_inputs(args)
         model, meta, name = load_model(args)
-        from napari_tae.inference import select_device
+        from napari_tae.inference import resolve_precision, select_device
 
         try:
             device = select_device(args.device)
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"--device {args.device}: {error_line(exc)}") from None
+        try:  # before the first volume, as the device
+            resolve_precision(args.precision, device)
+        except ValueError as exc:
+            raise InputError(f"--precision {args.precision}: {exc}") from None
         results = evaluate(model, meta, inputs, kernel=args.median_kernel, mode=args.median_mode,
                            squash=args.squash, n_bins=args.bins, device=device,
                            batch_size=args.batch_size, score=args.score, precision=args.precision)
