@@ -53,13 +53,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    tmp_path = _temporary_beside(path)
+    tmp_path = None
     try:
+        with deferred_interrupts():  # a Ctrl-C inside mkstemp would leave its file behind
+            tmp_path = _temporary_beside(path)
         yield tmp_path
         _plain_permissions(tmp_path)
         os.replace(tmp_path, path)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -74,7 +77,7 @@ def deferred_interrupts() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back for the block, then act on them as the handlers in force would.
 
     Used around the few renames that put a file set in place, so Ctrl-C cannot stop the commit
-    half-way. Outside the main thread signals cannot be caught and the block runs unguarded.
+    half-way, and around making a temporary, so none is made without its owner knowing it. Outside the main thread signals cannot be caught and the block runs unguarded.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -128,7 +131,8 @@ class FileSet:
     def temporary(self, kind: str) -> Path:
         """The temporary path to write the ``kind`` file to (created empty, hidden, same ending)."""
         if kind not in self._temporaries:
-            self._temporaries[kind] = _temporary_beside(self.targets[kind])
+            with deferred_interrupts():  # recorded before a Ctrl-C can stop us, so discard() finds it
+                self._temporaries[kind] = _temporary_beside(self.targets[kind])
         return self._temporaries[kind]
 
     @property
