@@ -30,7 +30,8 @@ test: sysdeps $(VENV)/.installed
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest -q
 
 # under Xvfb: bench_live_update.py drives the widget in a shown napari window; bench_zoo.py trains
-# the whole model zoo (hours), so it runs on its own: python benchmarks/bench_zoo.py --help
+# the whole model zoo (hours) and bench_keras.py needs a Python with TensorFlow, so they run on
+# their own: python benchmarks/bench_zoo.py --help, python benchmarks/bench_keras.py --help
 benchmark: sysdeps $(VENV)/.installed
-	for script in benchmarks/bench_*.py; do [ "$$script" = benchmarks/bench_zoo.py ] && continue; \
+	for script in benchmarks/bench_*.py; do case "$$script" in *bench_zoo.py|*bench_keras.py) continue;; esac; \
 		echo "== $$script"; xvfb-run -a -s "-screen 0 1280x800x24" $(PY) $$script || exit 1; done

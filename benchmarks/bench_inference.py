@@ -8,7 +8,7 @@ Usage::
     python benchmarks/bench_inference.py --plot /tmp/cost_growth.png
 
 Every measurement runs in its own subprocess, so that peak memory (the process's peak resident
-set size, imports and weights included) belongs to it alone. Three parts:
+set size, imports and weights included) belongs to it alone. Five parts:
 
 1. Throughput of every model at its paper config (256 x 256), as the program runs it (allocator
    limits set, channels-last CNN blocks): slices/s at batch 1 and 16 with 1 and 2 torch threads,
@@ -25,6 +25,10 @@ set size, imports and weights included) belongs to it alone. Three parts:
    batches of 16, back to the native grid) on random volumes of 16, 64 and 155 slices at 256 x 256
    and of 155 slices at 64 and 128, for ``--growth-models``; time and peak RSS (reset before each
    point), plotted to ``--plot`` (matplotlib, Agg).
+5. A real volume (``--real-volume``, by default the real MS case when present): each
+   ``--real-models`` paper config through ``reconstruct`` at ``--ab-batch`` and the largest
+   ``--threads``, as the CLI runs it (slices without brain are not sent to the model): the time,
+   and the slices the model saw.
 
 Not a test: the figures depend on the machine and its load (docs/speed.md has measured ones).
 """
@@ -41,13 +45,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import _rss_mib, time_forward  # noqa: E402
+from bench_models import _rss_mib, format_table, time_forward  # noqa: E402
 
 _logger = logging.getLogger("bench_inference")
 ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = ["b_tae", "sc_tae", "dc_tae", "h_tae", "h_tae_s", "ae_dense", "ae_spatial", "vae", "vq_vae"]
 WITH_CNN_BLOCKS = {"sc_tae", "dc_tae", "ae_dense", "ae_spatial", "vae", "vq_vae"}
 VOLUME_SLICES = 155
+REAL_VOLUME = ROOT.parent / "shared" / "data" / "real" / "mslub_patient07" / "FLAIR.nii.gz"
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +153,29 @@ def _growth(args: argparse.Namespace) -> dict:
     return {"model": args.model, "points": points}
 
 
+def _real(args: argparse.Namespace) -> dict:
+    """A real volume through :func:`napari_tae.inference.reconstruct` as the CLI runs it: slices
+    without brain are not sent to the model; a forward hook counts those that are."""
+    import torch
+
+    from napari_tae.inference import reconstruct
+    from napari_tae.io import load_volume
+    from napari_tae.models import build_model
+
+    threads = max(args.threads)
+    torch.set_num_threads(threads)
+    volume = load_volume(args.real_volume)
+    model = build_model(args.model, img_size=args.img_size).eval()
+    with torch.inference_mode():  # kernels and heap warmed up, as the second volume of a batch run
+        model(torch.rand(args.ab_batch, 1, args.img_size, args.img_size))
+    sent = []
+    model.register_forward_hook(lambda _module, inputs, _output: sent.append(inputs[0].shape[0]))
+    t0 = time.perf_counter()
+    reconstruct(model, volume.data, spacing=volume.geometry.spacing, device="cpu", batch_size=args.ab_batch)
+    return {"model": args.model, "threads": threads, "batch": args.ab_batch, "slices": int(volume.data.shape[0]),
+            "slices_to_model": int(sum(sent)), "time_s": time.perf_counter() - t0}
+
+
 def _reset_peak() -> bool:
     """Reset the process's peak RSS (Linux: clear_refs 5); False where it cannot be."""
     try:
@@ -190,14 +218,6 @@ def _by(result: dict, bs: int, threads: int) -> dict:
     return next(r for r in result["runs"] if r["batch"] == bs and r["threads"] == threads)
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _throughput_table(results: list[dict], args: argparse.Namespace) -> str:
     big = max(args.batch_sizes)
     head = ["model"]
@@ -210,10 +230,10 @@ def _throughput_table(results: list[dict], args: argparse.Namespace) -> str:
         for bs in args.batch_sizes:
             runs = [_by(res, bs, t) for t in args.threads]
             row += [f"{r['slices_per_s']:.1f}" for r in runs]
-            row += [f"{max(r['peak_mib'] for r in runs):.0f}", f"{_by(res, bs, 1)['minflt_per_forward']:.0f}"]
+            row += [f"{max(r['peak_mib'] for r in runs):.0f}", f"{runs[0]['minflt_per_forward']:.0f}"]
         row += [f"{VOLUME_SLICES / _by(res, big, t)['slices_per_s']:.1f}" for t in args.threads]
         rows.append(row)
-    return _table(rows)
+    return format_table(rows)
 
 
 def _speedup_rows(model: str, with_: dict, without: dict) -> list[list[str]]:
@@ -282,6 +302,10 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16-models", nargs="*", default=["ae_spatial", "dc_tae", "h_tae_s"],
                         help="CPU bfloat16 part")
     parser.add_argument("--growth-models", nargs="*", default=["ae_spatial", "b_tae"], help="cost-growth part")
+    parser.add_argument("--real-models", nargs="*", default=["dc_tae", "h_tae", "h_tae_s"],
+                        help="real-volume part: reconstruct() of --real-volume at --ab-batch, largest --threads")
+    parser.add_argument("--real-volume", type=Path, default=REAL_VOLUME,
+                        help="a FLAIR NIfTI for the real-volume part (default: the real case, when present)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--ab-batch", type=int, default=8, help="batch of the speed-up part (the CLI's default)")
@@ -298,6 +322,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--_compare", dest="model_compare", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_growth", dest="model_growth", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_bf16", dest="model_bf16", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_real", dest="model_real", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plot is None:  # a smoke test must not replace the committed figure
@@ -308,6 +333,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ab_models = [m for m in args.ab_models if m in args.models] or ["ae_spatial"]
         args.growth_models = args.growth_models[:1]
         args.bf16_models = [m for m in args.bf16_models if m in args.models] or ["ae_spatial"]
+        args.real_models = args.real_models[-1:]
         args.batch_sizes, args.ab_batch, args.img_size, args.min_time, args.rounds = [1, 4], 4, 128, 0.2, 1
     return args
 
@@ -316,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     child_work = {"model_throughput": _throughput, "model_compare": _compare, "model_growth": _growth,
-                  "model_bf16": _bf16}
+                  "model_bf16": _bf16, "model_real": _real}
     for dest, work in child_work.items():
         if getattr(args, dest):
             args.model = getattr(args, dest)
@@ -325,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     started = time.perf_counter()
-    results, speedups, growth, bf16 = [], [], [], []
+    results, speedups, growth, bf16, real = [], [], [], [], []
     for model in args.models or NETWORKS:
         res = _child("--_throughput", model, "--batch-sizes", *map(str, args.batch_sizes),
                      "--threads", *map(str, args.threads), args=args)
@@ -349,10 +375,18 @@ def main(argv: list[str] | None = None) -> None:
         if res is not None:
             growth += res["points"]
 
+    if not args.real_volume.is_file():
+        _logger.info("real-volume part skipped: %s not found", args.real_volume)
+    for model in args.real_models if args.real_volume.is_file() else []:
+        res = _child("--_real", model, "--real-volume", str(args.real_volume),
+                     "--threads", *map(str, args.threads), args=args)
+        if res is not None:
+            real.append(res)
+
     if not results:
         raise SystemExit("no model ran")
     print(f"\nCPU float32, img_size={args.img_size}; peak = process peak RSS (imports and weights "
-          f"included); faults = minor page faults per timed forward at 1 thread")
+          f"included); faults = minor page faults per timed forward at {args.threads[0]} thread(s)")
     print(_throughput_table(results, args))
     if speedups:
         print(f"\nspeed-ups at batch {args.ab_batch}, 1 thread, slices/s with the change and without it:")
@@ -360,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                  "peak MiB with / without"]]
         for item in speedups:
             rows += _speedup_rows(item["model"], item["with"], item["without"])
-        print(_table(rows))
+        print(format_table(rows))
     if bf16:
         print(f"\nCPU bfloat16 against float32, batch {args.ab_batch}, {max(args.threads)} threads, slices/s "
               "(alternated), and the largest output difference (untrained weights, random input):")
@@ -369,19 +403,26 @@ def main(argv: list[str] | None = None) -> None:
             f32, b16 = item["rates"]["float32"], item["rates"]["bfloat16"]
             rows.append([item["model"], " ".join(f"{r:.1f}" for r in f32), " ".join(f"{r:.1f}" for r in b16),
                          " ".join(f"{b / f:.2f}x" for f, b in zip(f32, b16)), f"{item['max_abs_difference']:.4f}"])
-        print(_table(rows))
+        print(format_table(rows))
     if growth:
         print(f"\ncost growth, reconstruct() at batch 16, 1 thread ({args.plot}):")
-        print(_table([["model", "size", "slices", "time (s)", "slices/s", "peak MiB", "above model MiB"]] + [
+        print(format_table([["model", "size", "slices", "time (s)", "slices/s", "peak MiB", "above model MiB"]] + [
             [g["model"], str(g["img_size"]), str(g["slices"]), f"{g['time_s']:.1f}",
              f"{g['slices'] / g['time_s']:.1f}", f"{g['peak_mib']:.0f}", f"{g['peak_mib'] - g['base_mib']:.0f}"]
             for g in growth]))
         _plot(growth, args.plot)
+    if real:
+        print(f"\n{args.real_volume}, reconstruct() as the CLI runs it (slices without brain skipped), "
+              f"batch {args.ab_batch}:")
+        rows = [["model", "threads", "slices", "to the model", "time (s)", f"per {VOLUME_SLICES} model slices (s)"]]
+        rows += [[r["model"], str(r["threads"]), str(r["slices"]), str(r["slices_to_model"]), f"{r['time_s']:.1f}",
+                  f"{r['time_s'] * VOLUME_SLICES / max(r['slices_to_model'], 1):.1f}"] for r in real]
+        print(format_table(rows))
     print(f"\ntotal {time.perf_counter() - started:.0f} s; largest child peak RSS "
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps({"throughput": results, "speedups": speedups, "growth": growth,
-                                         "bf16": bf16}, indent=2))
+                                         "bf16": bf16, "real_volume": real}, indent=2))
 
 
 if __name__ == "__main__":

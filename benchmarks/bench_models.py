@@ -34,11 +34,12 @@ def _rss_mib() -> float:
 
 
 def time_forward(model, bs: int, device: str, repeats: int, min_time: float, warmup: int = 2) -> dict:
-    """Time ``model(x)`` under no_grad for one batch size after ``warmup`` passes.
+    """Time ``model(x)`` under inference_mode, as the program runs it, after ``warmup`` passes.
 
     Two warm-up passes by default: on glibc with the allocator limits the first passes still
     grow the heap (page faults), the later ones reuse it. ``minflt_per_forward`` counts the minor
-    page faults of the timed passes.
+    page faults of the timed passes, ``cpu_per_wall`` the cores they kept busy (process CPU time
+    over wall time).
     """
     import torch
 
@@ -49,23 +50,25 @@ def time_forward(model, bs: int, device: str, repeats: int, min_time: float, war
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad(), amp:
+    with torch.inference_mode(), amp:
         for _ in range(warmup):  # allocator, kernels
             model(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        n, t0 = 0, time.perf_counter()
+        n, cpu0, t0 = 0, time.process_time(), time.perf_counter()
         while n < repeats or time.perf_counter() - t0 < min_time:
             model(x)
             n += 1
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / n
+        wall = time.perf_counter() - t0
+        cpu_per_wall = (time.process_time() - cpu0) / wall
+        dt = wall / n
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else _rss_mib()
     return {"batch": bs, "threads": torch.get_num_threads(), "s_per_batch": dt, "slices_per_s": bs / dt,
-            "peak_mib": peak, "minflt_per_forward": faults}
+            "peak_mib": peak, "minflt_per_forward": faults, "cpu_per_wall": cpu_per_wall}
 
 
 def bench_one(name: str, batch_sizes: list[int], img_size: int, device: str, repeats: int, min_time: float) -> dict:
@@ -99,6 +102,14 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def format_table(rows: list[list[str]]) -> str:
+    """Rows of text cells as aligned columns (the first left, the others right) under a rule."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _format(results: list[dict], slices: int) -> str:
     bs_list = [r["batch"] for r in results[0]["runs"]]
     head = ["model", "params"]
@@ -114,10 +125,7 @@ def _format(results: list[dict], slices: int) -> str:
         vol = slices / best
         row += [f"{vol:.1f}", "yes" if vol < TARGET_S else "NO"]
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
