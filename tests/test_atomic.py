@@ -74,7 +74,7 @@ def test_file_set_failing_half_way_never_looks_complete(tmp_path, monkeypatch):
     assert (tmp_path / "case_mask.txt").read_text() == "new mask"
 
 
-def test_interrupt_waits_for_the_end_of_the_commit():
+def test_interrupt_waits_for_the_end_of_the_commit(sigint_raises):
     import signal
 
     from napari_tae._atomic import deferred_interrupts
@@ -88,7 +88,7 @@ def test_interrupt_waits_for_the_end_of_the_commit():
 
 
 @pytest.mark.parametrize("writer", ["atomic_path", "file_set"])
-def test_interrupt_while_making_a_temporary_leaves_none(tmp_path, monkeypatch, writer):
+def test_interrupt_while_making_a_temporary_leaves_none(tmp_path, monkeypatch, writer, sigint_raises):
     # Ctrl-C arriving just after mkstemp made the file, before its caller holds the name: seen
     # as a leftover temporary of a --jobs worker stopped mid-case
     import signal

@@ -375,6 +375,7 @@ def _rerun_finishes(inputs: Path, out_dir: Path, done: set[str], summary: Path) 
     assert _assert_only_complete_sets(out_dir) == {f"s{i}" for i in range(5)}
 
 
+@pytest.mark.usefixtures("sigint_raises")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_batch_leaves_only_complete_sets_and_rerun_finishes(inputs, tmp_path, signum):
     out_dir = tmp_path / "out"
@@ -386,6 +387,7 @@ def test_signal_mid_batch_leaves_only_complete_sets_and_rerun_finishes(inputs, t
     _rerun_finishes(inputs, out_dir, done, tmp_path / "s.json")
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_stops_jobs_workers_cleanly(inputs, tmp_path):
     out_dir = tmp_path / "out"
     err = _interrupt_mid_batch(tmp_path, inputs, out_dir, signal.SIGINT, "--jobs", "2")
