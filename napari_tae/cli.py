@@ -321,12 +321,12 @@ def _check_segment_args(args: argparse.Namespace, world: int) -> None:
         if world > 1:
             raise CLIError("--jobs runs worker processes on one machine; under torchrun use "
                            "--nproc_per_node instead")
-        from napari_tae.inference import select_device
+        from napari_tae.inference import resolve_run_options
 
         try:
-            device = select_device(args.device).type
+            device = resolve_run_options(args.device, args.precision)[0].type
         except ValueError as exc:
-            raise CLIError(error_line(exc)) from None
+            raise CLIError(str(exc)) from None
         if device != "cpu":
             raise CLIError(f"--jobs is for CPU runs (the device is {device}); for several GPUs run "
                            "torchrun --nproc_per_node N -m napari_tae.cli segment ...")
@@ -371,12 +371,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             score_spec(loaded[1], args.score)
         except ValueError as exc:
             raise CLIError(f"{args.checkpoint}: {exc}") from None
-    from napari_tae.inference import resolve_precision, select_device
+    from napari_tae.inference import resolve_run_options
 
     try:  # an unusable device or precision, too, before any file
-        resolve_precision(args.precision, select_device(args.device))
-    except (ValueError, RuntimeError) as exc:
-        raise CLIError(f"--device {args.device} --precision {args.precision}: {exc}") from None
+        resolve_run_options(args.device, args.precision)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     if rank > 0:
         results = []  # planning failures are reported once, by rank 0
     mine = batch.shard(cases, rank, world)

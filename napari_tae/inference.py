@@ -152,6 +152,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_run_options(device: str, precision: str) -> tuple[torch.device, str]:
+    """:func:`select_device` and :func:`resolve_precision` for a command line's ``--device`` and
+    ``--precision``, checked before any file is read.
+
+    Raises:
+        ValueError: naming the option at fault as the commands spell it
+            (``"--device cuda: ..."``, ``"--precision bfloat16: ..."``).
+    """
+    try:
+        resolved = select_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"--device {device}: {exc}") from None
+    try:
+        return resolved, resolve_precision(precision, resolved)
+    except ValueError as exc:
+        raise ValueError(f"--precision {precision}: {exc}") from None
+
+
 def _forward_batch(model: nn.Module, batch: np.ndarray, device: torch.device, precision: str) -> np.ndarray:
     """One batch (B, S, S) -> reconstruction (B, S, S) float32 on the CPU.
 

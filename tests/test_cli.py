@@ -190,7 +190,21 @@ def test_segment_unusable_precision_is_one_line_before_any_file(cases, tmp_path,
                    "--precision", "bfloat16"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
-    assert "--device mps --precision bfloat16: bfloat16 runs on CUDA or the CPU, not on mps" in err
+    assert "--precision bfloat16: bfloat16 runs on CUDA or the CPU, not on mps" in err
+    assert "--device" not in err  # the device is fine: only the option at fault is named
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_segment_unusable_device_names_only_the_device(cases, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    status = main(["segment", str(cases["plain"]), "-m", "intensity", "-o", str(out), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "--device cuda: Device 'cuda' requested but CUDA is not available" in err
+    assert "--precision" not in err
     assert not out.exists() or not list(out.iterdir())
 
 

@@ -400,16 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inputs = check_inputs(args)
         model, meta, name = load_model(args)
-        from napari_tae.inference import resolve_precision, select_device
+        from napari_tae.inference import resolve_run_options
 
-        try:
-            device = select_device(args.device)
-        except (ValueError, RuntimeError) as exc:
-            raise InputError(f"--device {args.device}: {error_line(exc)}") from None
-        try:  # before the first volume, as the device
-            resolve_precision(args.precision, device)
+        try:  # before the first volume
+            device, _ = resolve_run_options(args.device, args.precision)
         except ValueError as exc:
-            raise InputError(f"--precision {args.precision}: {exc}") from None
+            raise InputError(error_line(exc)) from None
         results = evaluate(model, meta, inputs, kernel=args.median_kernel, mode=args.median_mode,
                            squash=args.squash, n_bins=args.bins, device=device,
                            batch_size=args.batch_size, score=args.score, precision=args.precision)
