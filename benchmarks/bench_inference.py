@@ -1,4 +1,5 @@
-"""CPU inference: throughput, memory, what the allocator limits and channels-last bring, cost growth.
+"""CPU inference: throughput, memory, what the allocator limits, channels-last and the slice workers
+bring, cost growth, a real volume.
 
 Usage::
 
@@ -8,10 +9,10 @@ Usage::
     python benchmarks/bench_inference.py --plot /tmp/cost_growth.png
 
 Every measurement runs in its own subprocess, so that peak memory (the process's peak resident
-set size, imports and weights included) belongs to it alone. Five parts:
+set size, imports and weights included) belongs to it alone. Six parts:
 
 1. Throughput of every model at its paper config (256 x 256), as the program runs it (allocator
-   limits set, channels-last CNN blocks): slices/s at batch 1 and 16 with 1 and 2 torch threads,
+   limits set, channels-last CNN blocks, a batch split over the threads): slices/s at batch 1 and 16 with 1 and 2 torch threads,
    peak RSS, minor page faults per forward pass, and the time of a 155-slice volume at the largest
    batch from each thread count's rate.
 2. Speed-ups, measured in the same run, at 1 thread and ``--ab-batch`` (8, the CLI's and the
@@ -21,6 +22,8 @@ set size, imports and weights included) belongs to it alone. Five parts:
 3. CPU bfloat16 (``--precision bfloat16``): each ``--bf16-models`` model at ``--ab-batch`` and the
    largest ``--threads``, float32 and bfloat16 alternated ``--rounds`` times through the program's
    forward pass, and the largest difference of their outputs on one random batch.
+   Likewise for each ``--split-models`` model, float32: the whole batch in one forward pass on
+   every thread, against one chunk per thread at the same time (``SliceWorkers``, the program's way).
 4. Cost growth: :func:`napari_tae.inference.reconstruct` (the program's path: preprocessing,
    batches of 16, back to the native grid) on random volumes of 16, 64 and 155 slices at 256 x 256
    and of 155 slices at 64 and 128, for ``--growth-models``; time and peak RSS (reset before each
@@ -28,13 +31,15 @@ set size, imports and weights included) belongs to it alone. Five parts:
 5. A real volume (``--real-volume``, by default the real MS case when present): each
    ``--real-models`` paper config through ``reconstruct`` at ``--ab-batch`` and the largest
    ``--threads``, as the CLI runs it (slices without brain are not sent to the model): the time,
-   and the slices the model saw.
+   and the slices the model saw; then again with each batch in one forward pass (no slice workers).
 
 Not a test: the figures depend on the machine and its load (docs/speed.md has measured ones).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import resource
@@ -77,7 +82,9 @@ def _throughput(args: argparse.Namespace) -> dict:
     for bs in sorted(args.batch_sizes):
         for i, threads in enumerate(args.threads):
             torch.set_num_threads(threads)
-            runs.append(time_forward(model, bs, "cpu", args.repeats, args.min_time, warmup=2 if i == 0 else 1))
+            with _program_batches(model, threads, "float32") as run:
+                runs.append(time_forward(model, bs, "cpu", args.repeats, args.min_time,
+                                         warmup=2 if i == 0 else 1, run=lambda x: run(x.numpy()[:, 0])))
     return {"model": args.model, "runs": runs}
 
 
@@ -102,31 +109,70 @@ def _compare(args: argparse.Namespace) -> dict:
     return {"model": args.model, "allocator": args.allocator, "runs": runs}
 
 
-def _bf16(args: argparse.Namespace) -> dict:
-    """float32 and bfloat16 alternated, as ``iter_reconstruct`` runs them (``_forward_batch``)."""
+@contextlib.contextmanager
+def _program_batches(model, threads: int, precision: str):
+    """``run(batch)``: one batch (B, S, S) as ``iter_reconstruct`` runs it on the CPU (its
+    ``_forward_batch``, the batch split by ``SliceWorkers`` when ``threads`` > 1)."""
+    import torch
+
+    from napari_tae._slice_workers import SliceWorkers
+    from napari_tae.inference import _forward_batch
+
+    forward = functools.partial(_forward_batch, model, device=torch.device("cpu"), precision=precision)
+    with SliceWorkers(threads) as workers:
+        yield lambda batch: workers.map(forward, batch)
+
+
+def _alternated(args: argparse.Namespace, variants: dict) -> dict:
+    """Each ``variants`` entry (name: context manager factory giving ``run(batch)``) timed in turn,
+    ``--rounds`` times, at ``--ab-batch`` and the largest ``--threads``, and the largest difference
+    of the first two variants' outputs on one random batch."""
     import numpy as np
     import torch
 
-    from napari_tae.inference import _forward_batch
     from napari_tae.models import build_model
 
     threads = max(args.threads)
     torch.set_num_threads(threads)
     model = build_model(args.model, img_size=args.img_size).eval()
     batch = np.random.default_rng(0).random((args.ab_batch, args.img_size, args.img_size), dtype=np.float32)
-    device = torch.device("cpu")
-    rates: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
     outputs = {}
     for _ in range(args.rounds):
-        for precision in rates:
-            outputs[precision] = _forward_batch(model, batch, device, precision)  # warm-up
-            n, t0 = 0, time.perf_counter()
-            while n < args.repeats or time.perf_counter() - t0 < args.min_time:
-                _forward_batch(model, batch, device, precision)
-                n += 1
-            rates[precision].append(n * args.ab_batch / (time.perf_counter() - t0))
+        for name, make in variants.items():
+            with make(model, threads) as run:
+                outputs[name] = run(batch)  # warm-up
+                n, t0 = 0, time.perf_counter()
+                while n < args.repeats or time.perf_counter() - t0 < args.min_time:
+                    run(batch)
+                    n += 1
+                rates[name].append(n * args.ab_batch / (time.perf_counter() - t0))
+    first, second = (outputs[name] for name in variants)
     return {"model": args.model, "threads": threads, "rates": rates,
-            "max_abs_difference": float(np.abs(outputs["bfloat16"] - outputs["float32"]).max())}
+            "max_abs_difference": float(np.abs(second - first).max())}
+
+
+def _bf16(args: argparse.Namespace) -> dict:
+    """float32 and bfloat16 alternated, as ``iter_reconstruct`` runs them."""
+    return _alternated(args, {precision: functools.partial(_program_batches, precision=precision)
+                              for precision in ("float32", "bfloat16")})
+
+
+@contextlib.contextmanager
+def _one_batch(model, threads: int):
+    """The whole batch in one forward pass on torch's ``threads`` threads (before SliceWorkers)."""
+    import torch
+
+    from napari_tae.inference import _forward_batch
+
+    torch.set_num_threads(threads)
+    yield functools.partial(_forward_batch, model, device=torch.device("cpu"), precision="float32")
+
+
+def _split(args: argparse.Namespace) -> dict:
+    """One batch on every thread against one chunk per thread (SliceWorkers), alternated."""
+    return _alternated(args, {"one batch": _one_batch,
+                              "slice workers": functools.partial(_program_batches, precision="float32")})
 
 
 def _growth(args: argparse.Namespace) -> dict:
@@ -158,6 +204,8 @@ def _real(args: argparse.Namespace) -> dict:
     without brain are not sent to the model; a forward hook counts those that are."""
     import torch
 
+    from napari_tae import inference
+    from napari_tae._slice_workers import SliceWorkers
     from napari_tae.inference import reconstruct
     from napari_tae.io import load_volume
     from napari_tae.models import build_model
@@ -170,10 +218,16 @@ def _real(args: argparse.Namespace) -> dict:
         model(torch.rand(args.ab_batch, 1, args.img_size, args.img_size))
     sent = []
     model.register_forward_hook(lambda _module, inputs, _output: sent.append(inputs[0].shape[0]))
-    t0 = time.perf_counter()
-    reconstruct(model, volume.data, spacing=volume.geometry.spacing, device="cpu", batch_size=args.ab_batch)
+    times = {}
+    for mode in ("slice workers", "one batch"):
+        # one batch: the program's run with its slice workers replaced by a single one
+        inference.SliceWorkers = SliceWorkers if mode == "slice workers" else lambda _threads: SliceWorkers(1)
+        sent.clear()
+        t0 = time.perf_counter()
+        reconstruct(model, volume.data, spacing=volume.geometry.spacing, device="cpu", batch_size=args.ab_batch)
+        times[mode] = time.perf_counter() - t0
     return {"model": args.model, "threads": threads, "batch": args.ab_batch, "slices": int(volume.data.shape[0]),
-            "slices_to_model": int(sum(sent)), "time_s": time.perf_counter() - t0}
+            "slices_to_model": int(sum(sent)), "time_s": times["slice workers"], "one_batch_time_s": times["one batch"]}
 
 
 def _reset_peak() -> bool:
@@ -254,6 +308,15 @@ def _speedup_rows(model: str, with_: dict, without: dict) -> list[list[str]]:
     return rows
 
 
+def _alternation_table(items: list[dict], before: str, after: str) -> str:
+    rows = [["model", before, after, "ratio", "max |difference|"]]
+    for item in items:
+        old, new = item["rates"][before], item["rates"][after]
+        rows.append([item["model"], " ".join(f"{r:.1f}" for r in old), " ".join(f"{r:.1f}" for r in new),
+                     " ".join(f"{b / a:.2f}x" for a, b in zip(old, new)), f"{item['max_abs_difference']:.2g}"])
+    return format_table(rows)
+
+
 def _growth_points(quick: bool) -> list[tuple[int, int]]:
     """(img_size, slices): slices at the largest size, sizes at the most slices."""
     sizes, slices = ([64, 128], [8, 32]) if quick else ([64, 128, 256], [16, 64, VOLUME_SLICES])
@@ -301,6 +364,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="speed-up part: models run with and without each change")
     parser.add_argument("--bf16-models", nargs="*", default=["ae_spatial", "dc_tae", "h_tae_s"],
                         help="CPU bfloat16 part")
+    parser.add_argument("--split-models", nargs="*", default=["ae_spatial", "b_tae", "dc_tae", "h_tae_s"],
+                        help="slice-workers part")
     parser.add_argument("--growth-models", nargs="*", default=["ae_spatial", "b_tae"], help="cost-growth part")
     parser.add_argument("--real-models", nargs="*", default=["dc_tae", "h_tae", "h_tae_s"],
                         help="real-volume part: reconstruct() of --real-volume at --ab-batch, largest --threads")
@@ -322,6 +387,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--_compare", dest="model_compare", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_growth", dest="model_growth", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_bf16", dest="model_bf16", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_split", dest="model_split", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_real", dest="model_real", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -333,6 +399,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ab_models = [m for m in args.ab_models if m in args.models] or ["ae_spatial"]
         args.growth_models = args.growth_models[:1]
         args.bf16_models = [m for m in args.bf16_models if m in args.models] or ["ae_spatial"]
+        args.split_models = [m for m in args.split_models if m in args.models] or ["ae_spatial"]
         args.real_models = args.real_models[-1:]
         args.batch_sizes, args.ab_batch, args.img_size, args.min_time, args.rounds = [1, 4], 4, 128, 0.2, 1
     return args
@@ -342,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     child_work = {"model_throughput": _throughput, "model_compare": _compare, "model_growth": _growth,
-                  "model_bf16": _bf16, "model_real": _real}
+                  "model_bf16": _bf16, "model_split": _split, "model_real": _real}
     for dest, work in child_work.items():
         if getattr(args, dest):
             args.model = getattr(args, dest)
@@ -351,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     started = time.perf_counter()
-    results, speedups, growth, bf16, real = [], [], [], [], []
+    results, speedups, growth, bf16, split, real = [], [], [], [], [], []
     for model in args.models or NETWORKS:
         res = _child("--_throughput", model, "--batch-sizes", *map(str, args.batch_sizes),
                      "--threads", *map(str, args.threads), args=args)
@@ -370,6 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         res = _child("--_bf16", model, "--threads", *map(str, args.threads), args=args)
         if res is not None:
             bf16.append(res)
+    for model in args.split_models:
+        res = _child("--_split", model, "--threads", *map(str, args.threads), args=args)
+        if res is not None:
+            split.append(res)
     for model in args.growth_models:
         res = _child("--_growth", model, args=args)
         if res is not None:
@@ -398,12 +469,12 @@ def main(argv: list[str] | None = None) -> None:
     if bf16:
         print(f"\nCPU bfloat16 against float32, batch {args.ab_batch}, {max(args.threads)} threads, slices/s "
               "(alternated), and the largest output difference (untrained weights, random input):")
-        rows = [["model", "float32", "bfloat16", "ratio", "max |difference|"]]
-        for item in bf16:
-            f32, b16 = item["rates"]["float32"], item["rates"]["bfloat16"]
-            rows.append([item["model"], " ".join(f"{r:.1f}" for r in f32), " ".join(f"{r:.1f}" for r in b16),
-                         " ".join(f"{b / f:.2f}x" for f, b in zip(f32, b16)), f"{item['max_abs_difference']:.4f}"])
-        print(format_table(rows))
+        print(_alternation_table(bf16, "float32", "bfloat16"))
+    if split:
+        print(f"\none chunk of the batch per thread (SliceWorkers) against the whole batch on every thread, "
+              f"batch {args.ab_batch}, {max(args.threads)} threads, float32, slices/s (alternated), and the "
+              "largest output difference:")
+        print(_alternation_table(split, "one batch", "slice workers"))
     if growth:
         print(f"\ncost growth, reconstruct() at batch 16, 1 thread ({args.plot}):")
         print(format_table([["model", "size", "slices", "time (s)", "slices/s", "peak MiB", "above model MiB"]] + [
@@ -414,15 +485,17 @@ def main(argv: list[str] | None = None) -> None:
     if real:
         print(f"\n{args.real_volume}, reconstruct() as the CLI runs it (slices without brain skipped), "
               f"batch {args.ab_batch}:")
-        rows = [["model", "threads", "slices", "to the model", "time (s)", f"per {VOLUME_SLICES} model slices (s)"]]
+        rows = [["model", "threads", "slices", "to the model", "time (s)", f"per {VOLUME_SLICES} model slices (s)",
+                 "one batch (s)", "ratio"]]
         rows += [[r["model"], str(r["threads"]), str(r["slices"]), str(r["slices_to_model"]), f"{r['time_s']:.1f}",
-                  f"{r['time_s'] * VOLUME_SLICES / max(r['slices_to_model'], 1):.1f}"] for r in real]
+                  f"{r['time_s'] * VOLUME_SLICES / max(r['slices_to_model'], 1):.1f}", f"{r['one_batch_time_s']:.1f}",
+                  f"{r['one_batch_time_s'] / r['time_s']:.2f}x"] for r in real]
         print(format_table(rows))
     print(f"\ntotal {time.perf_counter() - started:.0f} s; largest child peak RSS "
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps({"throughput": results, "speedups": speedups, "growth": growth,
-                                         "bf16": bf16, "real_volume": real}, indent=2))
+                                         "bf16": bf16, "split": split, "real_volume": real}, indent=2))
 
 
 if __name__ == "__main__":

@@ -33,13 +33,14 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_forward(model, bs: int, device: str, repeats: int, min_time: float, warmup: int = 2) -> dict:
+def time_forward(model, bs: int, device: str, repeats: int, min_time: float, warmup: int = 2,
+                 run=None) -> dict:
     """Time ``model(x)`` under inference_mode, as the program runs it, after ``warmup`` passes.
 
     Two warm-up passes by default: on glibc with the allocator limits the first passes still
     grow the heap (page faults), the later ones reuse it. ``minflt_per_forward`` counts the minor
     page faults of the timed passes, ``cpu_per_wall`` the cores they kept busy (process CPU time
-    over wall time).
+    over wall time). ``run(x)``, when given, replaces ``model(x)`` (the program's own batch path).
     """
     import torch
 
@@ -47,18 +48,19 @@ def time_forward(model, bs: int, device: str, repeats: int, min_time: float, war
     img_size = int(model.img_size)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     x = torch.rand(bs, 1, img_size, img_size, device=dev)
+    run = run or model
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode(), amp:
         for _ in range(warmup):  # allocator, kernels
-            model(x)
+            run(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         n, cpu0, t0 = 0, time.process_time(), time.perf_counter()
         while n < repeats or time.perf_counter() - t0 < min_time:
-            model(x)
+            run(x)
             n += 1
         if dev.type == "cuda":
             torch.cuda.synchronize()

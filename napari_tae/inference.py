@@ -16,6 +16,7 @@ private to one run; a generator closed mid-run leaves nothing half-written behin
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Generator
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ._allocator import keep_freed_memory, release_freed_memory
+from ._slice_workers import SliceWorkers
 from .brain import resolve_brain_mask
 from .export import mask_settings
 from .options import DEVICE_CHOICES, PRECISIONS
@@ -48,9 +50,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-#: Values accepted by :func:`select_device` (plus ``"cuda:N"``).
-
 
 # --------------------------------------------------------------------------------------------
 # device
@@ -149,7 +148,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bfloat16" if device.type == "cuda" else "float32"
     if precision == "bfloat16" and device.type not in ("cuda", "cpu"):
         raise ValueError(f"bfloat16 runs on CUDA or the CPU, not on {device.type}")
+    if precision == "bfloat16" and device.type == "cpu" and not _cpu_has_bfloat16():
+        _warn_emulated_bfloat16()
     return precision
+
+
+def _cpu_has_bfloat16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@functools.cache
+def _warn_emulated_bfloat16() -> None:
+    # once per process: a batch run resolves the precision for every volume
+    _logger.warning("this CPU has no bfloat16 instructions (AVX-512 BF16, AMX): bfloat16 is emulated "
+                    "there, tens of times slower than float32 (docs/speed.md, section 7)")
 
 
 def resolve_run_options(device: str, precision: str) -> tuple[torch.device, str]:
@@ -207,7 +219,9 @@ def iter_reconstruct(
     Slices without brain are not sent to the model (their residual is 0 by definition); their
     reconstruction is 0 and they count as done. On an out-of-memory error the batch size is halved
     and the same batch retried, down to 1. The model is moved to ``device`` (and left there) and
-    put in eval mode for the run (its train/eval mode is restored afterwards).
+    put in eval mode for the run (its train/eval mode is restored afterwards). On the CPU each
+    batch is split into one chunk per torch thread, run at the same time
+    (:class:`~napari_tae._slice_workers.SliceWorkers`).
 
     Args:
         model: A :class:`~napari_tae.models.ReconstructionModel` (needs ``img_size``).
@@ -260,13 +274,15 @@ def iter_reconstruct(
         model.to(device)
     model.eval()
     keep_freed_memory()  # activations reused, not mapped afresh for every batch (docs/speed.md)
+    workers = SliceWorkers(torch.get_num_threads() if device.type == "cpu" else 1)
+    forward = functools.partial(_forward_batch, model, device=device, precision=precision)
     try:
         start = 0
         while start < todo.size:
             index = todo[start : start + batch_size]
             out = None
             try:
-                out = _forward_batch(model, prepared.slices[index], device, precision)
+                out = workers.map(forward, prepared.slices[index])
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_out_of_memory(exc) or index.size == 1:
                     raise
@@ -283,6 +299,7 @@ def iter_reconstruct(
         if todo.size == 0:
             yield total, total
     finally:
+        workers.close()
         model.train(was_training)
         release_freed_memory()
 

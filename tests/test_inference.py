@@ -4,6 +4,7 @@ with tiny random-weight models on CPU."""
 from __future__ import annotations
 
 import json
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -98,6 +99,37 @@ def test_batch_size_does_not_change_the_result(volume, model):
     a = reconstruct(model, volume, device="cpu", batch_size=1)
     b = reconstruct(model, volume, device="cpu", batch_size=16)
     np.testing.assert_allclose(a.reconstruction, b.reconstruction, atol=1e-5)
+
+
+def test_cpu_batches_are_split_over_the_torch_threads_with_the_same_result(volume, model, two_torch_threads):
+    seen: list[tuple[int, int]] = []
+    hook = model.register_forward_hook(
+        lambda _module, inputs, _output: seen.append((threading.get_ident(), inputs[0].shape[0])))
+    try:
+        split = reconstruct(model, volume, device="cpu", batch_size=4)
+        split_bf16 = reconstruct(model, volume, device="cpu", batch_size=4, precision="bfloat16")
+    finally:
+        hook.remove()
+    # 5 brain slices in batches of 4: chunks of 2 and 2 on two threads, then the last slice alone
+    assert sorted(n for _, n in seen[:3]) == [1, 2, 2] and len({ident for ident, _ in seen[:3]}) == 2
+    assert split.batch_size == 4 and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    whole = reconstruct(model, volume, device="cpu", batch_size=4)
+    np.testing.assert_allclose(split.reconstruction, whole.reconstruction, atol=1e-5)
+    # autocast is entered on each chunk's own thread: every brain slice is bfloat16's, none float32's
+    difference = np.abs(split_bf16.reconstruction - split.reconstruction).max(axis=(1, 2))
+    assert (difference[1:-1] > 1e-3).all()
+
+
+def test_closing_a_split_run_ends_its_threads(volume, model, two_torch_threads):
+    def slice_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("napari-tae-slices")]
+
+    gen = iter_reconstruct(model, volume, device="cpu", batch_size=2)
+    next(gen)
+    assert len(slice_threads()) == 1
+    gen.close()
+    assert not slice_threads() and torch.get_num_threads() == 2
 
 
 def test_close_mid_run_stops_and_leaves_nothing_behind(volume, model):
@@ -251,6 +283,22 @@ def test_precision_resolved_per_device():
         resolve_precision("bfloat16", mps)
     with pytest.raises(ValueError, match="unknown precision 'half'"):
         resolve_precision("half", cpu)
+
+
+@pytest.mark.parametrize("has_bfloat16", [False, True])
+def test_cpu_bfloat16_without_its_instructions_is_warned_of_once(monkeypatch, caplog, has_bfloat16):
+    from napari_tae.inference import resolve_precision
+
+    inference._warn_emulated_bfloat16.cache_clear()
+    monkeypatch.setattr(inference, "_cpu_has_bfloat16", lambda: has_bfloat16)
+    with caplog.at_level("WARNING", logger="napari_tae.inference"):
+        for _ in range(3):  # as a batch run resolves it for each volume
+            assert resolve_precision("bfloat16", torch.device("cpu")) == "bfloat16"
+        resolve_precision("auto", torch.device("cpu"))
+        resolve_precision("float32", torch.device("cpu"))
+    warned = [r.getMessage() for r in caplog.records if "no bfloat16 instructions" in r.getMessage()]
+    assert len(warned) == (0 if has_bfloat16 else 1)
+    inference._warn_emulated_bfloat16.cache_clear()
 
 
 def test_bad_batch_size(volume, model):
