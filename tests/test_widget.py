@@ -5,6 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("qtpy")
 
@@ -81,7 +82,8 @@ def _wait_done(qtbot, widget, viewer, source="flair"):
                     timeout=WAIT)
 
 
-def test_run_layers_progress_and_headless_match(make_napari_viewer, qtbot, files):
+def test_run_layers_progress_and_headless_match(make_napari_viewer, qtbot, files, two_torch_threads):
+    # at 2 threads, as on a 2-core machine: the worker thread's batches are split over two threads
     viewer, widget, layer, vol = _widget(make_napari_viewer, files)
     assert widget.squash_slider.value() == pytest.approx(3.0)  # calibrated default
     assert "CPU" in widget.device_label.text()
@@ -99,8 +101,11 @@ def test_run_layers_progress_and_headless_match(make_napari_viewer, qtbot, files
     assert mask.__class__.__name__ == "Labels" and resid.colormap.name == "inferno"
     assert resid.blending == "additive" and 0.5 <= resid.opacity <= 0.7
 
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)  # the reference: whole batches on one thread
     model, meta = load_checkpoint(files["ckpt"])
     ref = segment(vol, model, meta, kernel=widget.post_settings().kernel, device="cpu")
+    torch.set_num_threads(2)
     np.testing.assert_allclose(resid.data, ref.residual, atol=1e-5)
     np.testing.assert_array_equal(mask.data > 0, ref.mask)
     assert widget.lesions.rowCount() == len(ref.lesions)
