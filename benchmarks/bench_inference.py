@@ -71,7 +71,6 @@ def _configure(allocator: bool) -> None:
 
 
 def _throughput(args: argparse.Namespace) -> dict:
-    import torch
 
     from napari_tae.models import build_model
 
@@ -81,7 +80,6 @@ def _throughput(args: argparse.Namespace) -> dict:
     # first thread count warms the heap and kernels up for the next
     for bs in sorted(args.batch_sizes):
         for i, threads in enumerate(args.threads):
-            torch.set_num_threads(threads)
             with _program_batches(model, threads, "float32") as run:
                 runs.append(time_forward(model, bs, "cpu", args.repeats, args.min_time,
                                          warmup=2 if i == 0 else 1, run=lambda x: run(x.numpy()[:, 0])))
@@ -110,16 +108,18 @@ def _compare(args: argparse.Namespace) -> dict:
 
 
 @contextlib.contextmanager
-def _program_batches(model, threads: int, precision: str):
+def _program_batches(model, threads: int, precision: str, split: bool = True):
     """``run(batch)``: one batch (B, S, S) as ``iter_reconstruct`` runs it on the CPU (its
-    ``_forward_batch``, the batch split by ``SliceWorkers`` when ``threads`` > 1)."""
+    ``_forward_batch``, the batch split by ``SliceWorkers`` when ``threads`` > 1); with ``split``
+    False, the whole batch in one forward pass on torch's threads, as before SliceWorkers."""
     import torch
 
     from napari_tae._slice_workers import SliceWorkers
     from napari_tae.inference import _forward_batch
 
+    torch.set_num_threads(threads)
     forward = functools.partial(_forward_batch, model, device=torch.device("cpu"), precision=precision)
-    with SliceWorkers(threads) as workers:
+    with SliceWorkers(threads if split else 1) as workers:
         yield lambda batch: workers.map(forward, batch)
 
 
@@ -158,20 +158,9 @@ def _bf16(args: argparse.Namespace) -> dict:
                               for precision in ("float32", "bfloat16")})
 
 
-@contextlib.contextmanager
-def _one_batch(model, threads: int):
-    """The whole batch in one forward pass on torch's ``threads`` threads (before SliceWorkers)."""
-    import torch
-
-    from napari_tae.inference import _forward_batch
-
-    torch.set_num_threads(threads)
-    yield functools.partial(_forward_batch, model, device=torch.device("cpu"), precision="float32")
-
-
 def _split(args: argparse.Namespace) -> dict:
     """One batch on every thread against one chunk per thread (SliceWorkers), alternated."""
-    return _alternated(args, {"one batch": _one_batch,
+    return _alternated(args, {"one batch": functools.partial(_program_batches, precision="float32", split=False),
                               "slice workers": functools.partial(_program_batches, precision="float32")})
 
 

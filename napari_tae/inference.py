@@ -154,7 +154,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def _cpu_has_bfloat16() -> bool:
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    # private torch checks, not in every release the project accepts: unknown counts as present
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is None or check() for check in checks)
 
 
 @functools.cache
