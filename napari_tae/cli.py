@@ -621,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument(
         "--precision", choices=PRECISIONS, default="auto",
         help="the model's arithmetic: auto = bfloat16 on CUDA, float32 elsewhere; bfloat16 on the CPU "
-        "is about 2x faster for the transformers where the CPU supports it (docs/speed.md)",
+        "is about 2x faster for the transformers where the CPU has bfloat16 instructions (AVX-512 "
+        "BF16, AMX), far slower where it has not",
     )
     model_group.add_argument(
         "-j", "--jobs", type=_positive_int, default=1, metavar="N",
@@ -637,8 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCORES,
         default=None,
         help="anomaly score the mask thresholds: the residual, FLAIR + w * residual ('fused') or "
-        "the residual where the FLAIR is bright ('prior'); default: the checkpoint's (see "
-        "docs/scores.md)",
+        "the residual where the FLAIR is bright ('prior'); default: the checkpoint's",
     )
     post.add_argument(
         "--squash",

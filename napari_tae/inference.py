@@ -43,6 +43,7 @@ __all__ = [
     "default_squash",
     "inference_job",
     "iter_reconstruct",
+    "precision_note",
     "reconstruct",
     "resolve_precision",
     "segment",
@@ -148,9 +149,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bfloat16" if device.type == "cuda" else "float32"
     if precision == "bfloat16" and device.type not in ("cuda", "cpu"):
         raise ValueError(f"bfloat16 runs on CUDA or the CPU, not on {device.type}")
-    if precision == "bfloat16" and device.type == "cpu" and not _cpu_has_bfloat16():
+    if precision_note(precision, device):
         _warn_emulated_bfloat16()
     return precision
+
+
+def precision_note(precision: str, device: torch.device) -> str:
+    """What a user should know before running at ``precision`` on ``device``, or ``""``.
+
+    Today one case: bfloat16 on a CPU without bfloat16 instructions, where torch emulates it.
+    """
+    if precision == "bfloat16" and device.type == "cpu" and not _cpu_has_bfloat16():
+        return EMULATED_BFLOAT16
+    return ""
+
+
+#: measured at 0.03x float32's speed on an AVX2-only CPU (docs/speed.md, section 7)
+EMULATED_BFLOAT16 = ("this CPU has no bfloat16 instructions (AVX-512 BF16, AMX): bfloat16 is emulated "
+                     "there, tens of times slower than float32; choose float32 or auto")
 
 
 def _cpu_has_bfloat16() -> bool:
@@ -162,8 +178,7 @@ def _cpu_has_bfloat16() -> bool:
 @functools.cache
 def _warn_emulated_bfloat16() -> None:
     # once per process: a batch run resolves the precision for every volume
-    _logger.warning("this CPU has no bfloat16 instructions (AVX-512 BF16, AMX): bfloat16 is emulated "
-                    "there, tens of times slower than float32 (docs/speed.md, section 7)")
+    _logger.warning(EMULATED_BFLOAT16)
 
 
 def resolve_run_options(device: str, precision: str) -> tuple[torch.device, str]:

@@ -299,6 +299,11 @@ def test_cpu_bfloat16_without_its_instructions_is_warned_of_once(monkeypatch, ca
     warned = [r.getMessage() for r in caplog.records if "no bfloat16 instructions" in r.getMessage()]
     assert len(warned) == (0 if has_bfloat16 else 1)
     inference._warn_emulated_bfloat16.cache_clear()
+    # the widget shows the same note before a run; only bfloat16 on such a CPU has one
+    notes = {(p, d): inference.precision_note(p, torch.device(d))
+             for p in ("auto", "float32", "bfloat16") for d in ("cpu", "cuda")}
+    assert notes.pop(("bfloat16", "cpu")) == ("" if has_bfloat16 else inference.EMULATED_BFLOAT16)
+    assert set(notes.values()) == {""}
 
 
 def test_bad_batch_size(volume, model):

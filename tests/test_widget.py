@@ -480,6 +480,21 @@ def test_dock_fits_a_1280x800_screen(make_napari_viewer, qtbot, files):
     assert label.heightForWidth(label.width()) <= label.height() + 1  # no line cut off
 
 
+def test_device_line_warns_of_emulated_cpu_bfloat16(make_napari_viewer, files, monkeypatch):
+    from napari_tae import inference
+
+    monkeypatch.setattr(inference, "_cpu_has_bfloat16", lambda: False)
+    _, widget, _, _ = _widget(make_napari_viewer, files)
+    widget.precision_combo.setCurrentText("bfloat16")
+    assert "no bfloat16 instructions" in widget.device_label.text()
+    assert "AVX-512 BF16" in widget.device_label.text()  # the note's case is kept
+    widget.precision_combo.setCurrentText("float32")
+    assert "Running on CPU" in widget.device_label.text()
+    monkeypatch.setattr(inference, "_cpu_has_bfloat16", lambda: True)
+    widget.precision_combo.setCurrentText("bfloat16")
+    assert "Running on CPU" in widget.device_label.text()
+
+
 # ------------------------------------------------------------------------------------- errors
 def _mismatched_checkpoint(path, good):
     """A checkpoint whose metadata describes one model and whose tensors belong to another."""

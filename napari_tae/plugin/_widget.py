@@ -8,6 +8,7 @@ generation counter, so a stale result (re-run, cancel, layer removed) is dropped
 
 from __future__ import annotations
 
+import html
 import os
 import sys
 from functools import partial
@@ -166,7 +167,8 @@ class AnomalyWidget(QWidget):
         self.precision_combo.addItems(list(PRECISIONS))
         self.precision_combo.setCurrentText(s.precision)
         self.precision_combo.setToolTip("auto: bfloat16 on CUDA, float32 elsewhere; bfloat16 on the CPU is "
-                                        "about 2x faster for the transformers on recent CPUs (docs/speed.md)")
+                                        "about 2x faster for the transformers where the CPU has bfloat16 "
+                                        "instructions (AVX-512 BF16, AMX), far slower where it has not")
         self.device_label = QLabel()
         self.device_label.setWordWrap(True)
         self.run_button = QPushButton("Run")
@@ -261,6 +263,7 @@ class AnomalyWidget(QWidget):
         self.models = ModelChooser(self.model_combo, self.settings, on_error=self._error,
                                    on_change=self._on_model_selected, save=save_preferences)
         self.device_combo.currentTextChanged.connect(self._on_device_changed)
+        self.precision_combo.currentTextChanged.connect(self._show_run_note)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
@@ -386,19 +389,28 @@ class AnomalyWidget(QWidget):
         self.squash_slider.setValue(squash)
 
     def _on_device_changed(self, device: str) -> None:
-        from napari_tae.inference import select_device
+        if self._show_run_note():
+            self.settings.device = device
+
+    def _show_run_note(self) -> bool:
+        """Say in the device line what the chosen device and precision mean here; False when
+        the device cannot be used."""
+        from napari_tae.inference import precision_note, select_device
 
         try:
-            resolved = select_device(device).type
+            resolved = select_device(self.device_combo.currentText())
         except Exception as exc:  # noqa: BLE001 - any device problem is shown, never raised in the GUI
-            self.device_label.setText(f"<b style='color:orange'>{exc}</b>")
-            return
-        if resolved == "cpu":
+            self.device_label.setText(f"<b style='color:orange'>{html.escape(str(exc))}</b>")
+            return False
+        note = precision_note(self.precision_combo.currentText(), resolved)
+        if note:
+            self.device_label.setText(f"<b style='color:orange'>{html.escape(note[0].upper() + note[1:])}.</b>")
+        elif resolved.type == "cpu":
             self.device_label.setText("<b style='color:orange'>Running on CPU: a volume may take "
                                       "minutes; a GPU is much faster.</b>")
         else:
-            self.device_label.setText(f"Using {resolved}.")
-        self.settings.device = device
+            self.device_label.setText(f"Using {resolved.type}.")
+        return True
 
     # ----------------------------------------------------------------------------- run
     def image_layer(self):
