@@ -1,5 +1,5 @@
-"""CPU inference: throughput, memory, what the allocator limits, channels-last and the slice workers
-bring, cost growth, a real volume.
+"""CPU inference: throughput, memory, what the allocator limits, channels-last, the slice workers and
+fused window attention bring, cost growth, a real volume.
 
 Usage::
 
@@ -9,7 +9,7 @@ Usage::
     python benchmarks/bench_inference.py --plot /tmp/cost_growth.png
 
 Every measurement runs in its own subprocess, so that peak memory (the process's peak resident
-set size, imports and weights included) belongs to it alone. Six parts:
+set size, imports and weights included) belongs to it alone. Five parts:
 
 1. Throughput of every model at its paper config (256 x 256), as the program runs it (allocator
    limits set, channels-last CNN blocks, a batch split over the threads): slices/s at batch 1 and 16 with 1 and 2 torch threads,
@@ -23,7 +23,9 @@ set size, imports and weights included) belongs to it alone. Six parts:
    largest ``--threads``, float32 and bfloat16 alternated ``--rounds`` times through the program's
    forward pass, and the largest difference of their outputs on one random batch.
    Likewise for each ``--split-models`` model, float32: the whole batch in one forward pass on
-   every thread, against one chunk per thread at the same time (``SliceWorkers``, the program's way).
+   every thread, against one chunk per thread at the same time (``SliceWorkers``, the program's way);
+   and for each ``--window-models`` model, timm's explicit softmax window attention against the
+   fused one (``scaled_dot_product_attention``, the program's way).
 4. Cost growth: :func:`napari_tae.inference.reconstruct` (the program's path: preprocessing,
    batches of 16, back to the native grid) on random volumes of 16, 64 and 155 slices at 256 x 256
    and of 155 slices at 64 and 128, for ``--growth-models``; time and peak RSS (reset before each
@@ -162,6 +164,28 @@ def _split(args: argparse.Namespace) -> dict:
     """One batch on every thread against one chunk per thread (SliceWorkers), alternated."""
     return _alternated(args, {"one batch": functools.partial(_program_batches, precision="float32", split=False),
                               "slice workers": functools.partial(_program_batches, precision="float32")})
+
+
+@contextlib.contextmanager
+def _window_attention(model, threads: int, fused: bool):
+    """The program's batches with the model's window attention fused or as timm's explicit softmax."""
+    from timm.models.swin_transformer import WindowAttention
+
+    windows = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    for m in windows:
+        m.fused_attn = fused
+    try:
+        with _program_batches(model, threads, "float32") as run:
+            yield run
+    finally:
+        for m in windows:
+            m.fused_attn = True
+
+
+def _window(args: argparse.Namespace) -> dict:
+    """Explicit-softmax and fused window attention, alternated."""
+    return _alternated(args, {"explicit softmax": functools.partial(_window_attention, fused=False),
+                              "fused": functools.partial(_window_attention, fused=True)})
 
 
 def _growth(args: argparse.Namespace) -> dict:
@@ -355,6 +379,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU bfloat16 part")
     parser.add_argument("--split-models", nargs="*", default=["ae_spatial", "b_tae", "dc_tae", "h_tae_s"],
                         help="slice-workers part")
+    parser.add_argument("--window-models", nargs="*", default=["h_tae", "h_tae_s"],
+                        help="window-attention part (fused against explicit softmax)")
     parser.add_argument("--growth-models", nargs="*", default=["ae_spatial", "b_tae"], help="cost-growth part")
     parser.add_argument("--real-models", nargs="*", default=["dc_tae", "h_tae", "h_tae_s"],
                         help="real-volume part: reconstruct() of --real-volume at --ab-batch, largest --threads")
@@ -377,6 +403,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--_growth", dest="model_growth", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_bf16", dest="model_bf16", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_split", dest="model_split", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_window", dest="model_window", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_real", dest="model_real", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -389,6 +416,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.growth_models = args.growth_models[:1]
         args.bf16_models = [m for m in args.bf16_models if m in args.models] or ["ae_spatial"]
         args.split_models = [m for m in args.split_models if m in args.models] or ["ae_spatial"]
+        args.window_models = args.window_models[-1:]
         args.real_models = args.real_models[-1:]
         args.batch_sizes, args.ab_batch, args.img_size, args.min_time, args.rounds = [1, 4], 4, 128, 0.2, 1
     return args
@@ -398,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     child_work = {"model_throughput": _throughput, "model_compare": _compare, "model_growth": _growth,
-                  "model_bf16": _bf16, "model_split": _split, "model_real": _real}
+                  "model_bf16": _bf16, "model_split": _split, "model_window": _window,
+                  "model_real": _real}
     for dest, work in child_work.items():
         if getattr(args, dest):
             args.model = getattr(args, dest)
@@ -407,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     started = time.perf_counter()
-    results, speedups, growth, bf16, split, real = [], [], [], [], [], []
+    results, speedups, growth, bf16, split, window, real = [], [], [], [], [], [], []
     for model in args.models or NETWORKS:
         res = _child("--_throughput", model, "--batch-sizes", *map(str, args.batch_sizes),
                      "--threads", *map(str, args.threads), args=args)
@@ -430,6 +459,10 @@ def main(argv: list[str] | None = None) -> None:
         res = _child("--_split", model, "--threads", *map(str, args.threads), args=args)
         if res is not None:
             split.append(res)
+    for model in args.window_models:
+        res = _child("--_window", model, "--threads", *map(str, args.threads), args=args)
+        if res is not None:
+            window.append(res)
     for model in args.growth_models:
         res = _child("--_growth", model, args=args)
         if res is not None:
@@ -464,6 +497,10 @@ def main(argv: list[str] | None = None) -> None:
               f"batch {args.ab_batch}, {max(args.threads)} threads, float32, slices/s (alternated), and the "
               "largest output difference:")
         print(_alternation_table(split, "one batch", "slice workers"))
+    if window:
+        print(f"\nfused window attention against timm's explicit softmax, batch {args.ab_batch}, "
+              f"{max(args.threads)} threads, float32, slices/s (alternated), and the largest output difference:")
+        print(_alternation_table(window, "explicit softmax", "fused"))
     if growth:
         print(f"\ncost growth, reconstruct() at batch 16, 1 thread ({args.plot}):")
         print(format_table([["model", "size", "slices", "time (s)", "slices/s", "peak MiB", "above model MiB"]] + [
@@ -484,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps({"throughput": results, "speedups": speedups, "growth": growth,
-                                         "bf16": bf16, "split": split, "real_volume": real}, indent=2))
+                                         "bf16": bf16, "split": split, "window": window,
+                                         "real_volume": real}, indent=2))
 
 
 if __name__ == "__main__":

@@ -211,6 +211,31 @@ def test_hierarchical_windows_adapt_and_global_option():
         assert glob(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
 
 
+def test_hierarchical_fused_window_attention_matches_the_explicit_softmax():
+    from timm.models.swin_transformer import WindowAttention
+
+    torch.manual_seed(0)
+    model = build_model("h_tae_s", img_size=64)  # 16 x 16 tokens: shifted windows of 8 in stage 0
+    windows = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    assert windows and all(m.fused_attn for m in windows)
+    with torch.no_grad():  # the relative position bias is zero at init: make it matter
+        for m in windows:
+            m.relative_position_bias_table.normal_(std=0.5)
+    x = torch.rand(2, 1, 64, 64)
+
+    def run(fused):
+        for m in windows:
+            m.fused_attn = fused
+        model.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        return out.detach(), model.patch_embed.proj.weight.grad.clone()
+
+    (out, grad), (ref, ref_grad) = run(True), run(False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("budget", [1, 2 ** 40])  # one slice per chunk; the whole batch at once
 def test_hierarchical_final_expansion_in_chunks_matches_the_plain_head(monkeypatch, budget):
     from napari_tae.models import hierarchical
@@ -238,12 +263,12 @@ def test_skip_connections_only_in_h_tae_s():
     x = torch.rand(1, 1, 64, 64)
     for name, skip in (("h_tae", False), ("h_tae_s", True)):
         model = build_model(name, img_size=64, **SMALL[name]).eval()
-        z = model.forward_encoder(x)
-        if skip:
-            with pytest.raises(ValueError, match="skip"):
-                model.forward_decoder(z)
-        else:
-            with torch.no_grad():
+        with torch.no_grad():  # both passes alike: with grad on, attention takes another kernel
+            z = model.forward_encoder(x)
+            if skip:
+                with pytest.raises(ValueError, match="skip"):
+                    model.forward_decoder(z)
+            else:
                 assert torch.allclose(model.forward_decoder(z), model(x))
 
 
