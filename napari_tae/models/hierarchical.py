@@ -111,8 +111,8 @@ def _make_blocks(cfg: HTAEConfig, dim: int, resolution: int, drop_path: list[flo
                 window_size=cfg.window_size, shift_size=0 if i % 2 == 0 else cfg.window_size // 2,
                 mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, proj_drop=cfg.drop_rate,
                 attn_drop=cfg.drop_rate, drop_path=dp, norm_layer=norm_layer)
-            # timm leaves it off for windows (experimental); the same attention, 5-12 % faster on
-            # the CPU (docs/speed.md, section 8)
+            # timm leaves it off for windows (experimental); the same attention, 6-12 % faster at
+            # one CPU thread (docs/speed.md, section 8)
             block.attn.fused_attn = True
             blocks.append(block)
         else:
