@@ -171,15 +171,15 @@ def _window_attention(model, threads: int, fused: bool):
     """The program's batches with the model's window attention fused or as timm's explicit softmax."""
     from timm.models.swin_transformer import WindowAttention
 
-    windows = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    windows = {m: m.fused_attn for m in model.modules() if isinstance(m, WindowAttention)}
     for m in windows:
         m.fused_attn = fused
     try:
         with _program_batches(model, threads, "float32") as run:
             yield run
     finally:
-        for m in windows:
-            m.fused_attn = True
+        for m, as_built in windows.items():
+            m.fused_attn = as_built
 
 
 def _window(args: argparse.Namespace) -> dict:

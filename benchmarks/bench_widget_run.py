@@ -73,7 +73,7 @@ def _checkpoint(name: str, folder: Path) -> str:
     return str(path)
 
 
-def _run_event_loop_until(app, condition, status, timeout: float) -> None:
+def _run_event_loop_until(condition, status, timeout: float) -> None:
     """Qt's own event loop (it sleeps until an event comes, as in use), checked every 50 ms."""
     from qtpy.QtCore import QEventLoop, QTimer
 
@@ -110,13 +110,15 @@ def _pause_busy_animation(viewer) -> None:
             label.movie().setPaused(True)
 
 
-def _widget_run(widget, app, viewer, source: str, timeout: float, pause: bool) -> tuple[float, float, float]:
+def _widget_run(widget, viewer, source: str, timeout: float, pause: bool) -> tuple[float, float, float]:
     """(seconds until the worker returned its reconstruction, until the result layers were there,
     software-OpenGL CPU seconds until the reconstruction)."""
     kinds = [f"{source} {k}" for k in ("reconstruction", "residual", "anomaly mask")]
     for kind in kinds:  # a fresh run each time: no mask edits to ask about
         if kind in viewer.layers:
             viewer.layers.remove(kind)
+    from qtpy.QtCore import QTimer
+
     from napari_tae import inference
 
     returned: list[float] = []
@@ -131,13 +133,11 @@ def _widget_run(widget, app, viewer, source: str, timeout: float, pause: bool) -
 
     inference.inference_job = timed_job  # the widget imports it when a run starts
     try:
-        from qtpy.QtCore import QTimer
-
         gl0, t0 = _gl_thread_seconds(), time.perf_counter()
         widget.run()
         if pause:  # napari starts the animation when the progress bar opens, as the event loop runs
             QTimer.singleShot(0, lambda: _pause_busy_animation(viewer))
-        _run_event_loop_until(app, lambda: not widget.is_running and all(k in viewer.layers for k in kinds),
+        _run_event_loop_until(lambda: not widget.is_running and all(k in viewer.layers for k in kinds),
                               widget.status.text, timeout)
     finally:
         inference.inference_job = job
@@ -148,11 +148,8 @@ def _headless_run(spec: str, data: np.ndarray, spacing, batch_size: int) -> floa
     from napari_tae.inference import inference_job
 
     t0 = time.perf_counter()
-    job = inference_job(spec, data, spacing=spacing, device="cpu", batch_size=batch_size, precision="float32")
-    try:
-        while True:
-            next(job)
-    except StopIteration:
+    for _progress in inference_job(spec, data, spacing=spacing, device="cpu", batch_size=batch_size,
+                                   precision="float32"):
         pass
     return time.perf_counter() - t0
 
@@ -179,7 +176,6 @@ def main() -> None:
 
     import napari
     import torch
-    from qtpy.QtWidgets import QApplication
 
     from napari_tae.plugin._widget import AnomalyWidget
 
@@ -193,7 +189,6 @@ def main() -> None:
     widget.device_combo.setCurrentText("cpu")
     widget.precision_combo.setCurrentText("float32")
     widget.settings.batch_size = args.batch_size
-    app = QApplication.instance()
     ways = ("widget", "widget, animation paused", "headless")
     rows = [["model", *(f"{way} (s)" for way in ways), "widget / headless", "paused / headless",
              "GL CPU s widget / paused", "faults widget / headless", "widget with result layers (s)"]]
@@ -216,7 +211,7 @@ def main() -> None:
                     if way == "headless":
                         times[way].append(_headless_run(spec, data, spacing, args.batch_size))
                     else:
-                        inference, shown, gl_s = _widget_run(widget, app, viewer, "flair", args.timeout,
+                        inference, shown, gl_s = _widget_run(widget, viewer, "flair", args.timeout,
                                                              pause=way != "widget")
                         times[way].append(inference)
                         gl[way].append(gl_s)
