@@ -372,7 +372,7 @@ def _plot(growth: list[dict], path: Path) -> None:
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=None, help="throughput part (default: every network)")
+    parser.add_argument("--models", nargs="*", default=None, help="throughput part (default: every network; none when given empty)")
     parser.add_argument("--ab-models", nargs="*", default=["ae_spatial", "h_tae_s"],
                         help="speed-up part: models run with and without each change")
     parser.add_argument("--bf16-models", nargs="*", default=["ae_spatial", "dc_tae", "h_tae_s"],
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     results, speedups, growth, bf16, split, window, real = [], [], [], [], [], [], []
-    for model in args.models or NETWORKS:
+    for model in NETWORKS if args.models is None else args.models:
         res = _child("--_throughput", model, "--batch-sizes", *map(str, args.batch_sizes),
                      "--threads", *map(str, args.threads), args=args)
         if res is not None:
