@@ -4,13 +4,14 @@ The widget runs the model in napari's worker thread (and, on the CPU, each batch
 in the slice workers' pool threads); the command line runs it on the main thread. This measures
 whether that costs time: for each model, ``--rounds`` alternations of
 
-* widget: ``AnomalyWidget.run()`` in a shown viewer (a worker thread, as in use), from the click
-  until its worker returns the reconstruction, and (shown apart) until the three result layers are
-  there, post-processing and the lesion table included;
-* widget, napari's busy animation paused: the same, with the animated "in progress" GIF that
-  napari's status bar shows while a progress bar is open paused (reached through Qt's widget
-  tree; a diagnosis, not something the plugin does). Under Xvfb the window is composited by
-  software OpenGL (Mesa's llvmpipe threads, in this process) for every frame of that GIF;
+* widget, napari's progress: ``AnomalyWidget.run()`` in a shown viewer (a worker thread, as in
+  use) with its progress in napari's activity dock, as on a display with OpenGL hardware, from the
+  click until its worker returns the reconstruction, and (shown apart) until the three result
+  layers are there, post-processing and the lesion table included. While a napari progress bar is
+  open, its status bar animates an "in progress" GIF; under Xvfb the window is composited by
+  software OpenGL (Mesa's llvmpipe threads, in this process) for every frame of it;
+* widget, the dock's progress: the same with the progress on the dock's own bar, which the widget
+  chooses on a software-rendered display (``napari_tae/plugin/_opengl.py``);
 * headless: :func:`napari_tae.inference.inference_job`, the generator the widget's worker runs,
   consumed on the main thread with the same arguments (the CLI's path).
 
@@ -102,23 +103,13 @@ def _gl_thread_seconds() -> float:
     return total
 
 
-def _pause_busy_animation(viewer) -> None:
-    from qtpy.QtWidgets import QLabel
-
-    for label in viewer.window._qt_window.findChildren(QLabel):
-        if label.movie() is not None:
-            label.movie().setPaused(True)
-
-
-def _widget_run(widget, viewer, source: str, timeout: float, pause: bool) -> tuple[float, float, float]:
+def _widget_run(widget, viewer, source: str, timeout: float, in_dock: bool) -> tuple[float, float, float]:
     """(seconds until the worker returned its reconstruction, until the result layers were there,
     software-OpenGL CPU seconds until the reconstruction)."""
     kinds = [f"{source} {k}" for k in ("reconstruction", "residual", "anomaly mask")]
     for kind in kinds:  # a fresh run each time: no mask edits to ask about
         if kind in viewer.layers:
             viewer.layers.remove(kind)
-    from qtpy.QtCore import QTimer
-
     from napari_tae import inference
 
     returned: list[float] = []
@@ -133,10 +124,9 @@ def _widget_run(widget, viewer, source: str, timeout: float, pause: bool) -> tup
 
     inference.inference_job = timed_job  # the widget imports it when a run starts
     try:
+        widget.progress_in_dock = in_dock
         gl0, t0 = _gl_thread_seconds(), time.perf_counter()
         widget.run()
-        if pause:  # napari starts the animation when the progress bar opens, as the event loop runs
-            QTimer.singleShot(0, lambda: _pause_busy_animation(viewer))
         _run_event_loop_until(lambda: not widget.is_running and all(k in viewer.layers for k in kinds),
                               widget.status.text, timeout)
     finally:
@@ -189,9 +179,11 @@ def main() -> None:
     widget.device_combo.setCurrentText("cpu")
     widget.precision_combo.setCurrentText("float32")
     widget.settings.batch_size = args.batch_size
-    ways = ("widget", "widget, animation paused", "headless")
-    rows = [["model", *(f"{way} (s)" for way in ways), "widget / headless", "paused / headless",
-             "GL CPU s widget / paused", "faults widget / headless", "widget with result layers (s)"]]
+    chosen = "the dock's" if widget.progress_in_dock else "napari's"
+    print(f"OpenGL renderer: {widget.renderer}; the widget shows its progress in {chosen} bar", flush=True)
+    ways = ("napari's progress", "the dock's progress", "headless")
+    rows = [["model", *(f"{way} (s)" for way in ways), "napari's / headless", "dock's / headless",
+             "GL CPU s napari's / dock's", "faults napari's / headless", "napari's with result layers (s)"]]
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             spec = _checkpoint(name, Path(folder))
@@ -212,16 +204,16 @@ def main() -> None:
                         times[way].append(_headless_run(spec, data, spacing, args.batch_size))
                     else:
                         inference, shown, gl_s = _widget_run(widget, viewer, "flair", args.timeout,
-                                                             pause=way != "widget")
+                                                             in_dock=way == ways[1])
                         times[way].append(inference)
                         gl[way].append(gl_s)
-                        if way == "widget":
+                        if way == ways[0]:
                             times["layers"].append(shown)
                     faults[way].append(_faults() - f0)
             rows.append([name, *(" ".join(f"{t:.2f}" for t in times[way]) for way in ways),
                          *(_ratio(times[way], times["headless"]) for way in ways[:2]),
                          " / ".join(f"{statistics.median(gl[way]):.1f}" for way in ways[:2]),
-                         f"{statistics.median(faults['widget']):.0f} / {statistics.median(faults['headless']):.0f}",
+                         f"{statistics.median(faults[ways[0]]):.0f} / {statistics.median(faults['headless']):.0f}",
                          " ".join(f"{t:.2f}" for t in times["layers"])])
             print(f"{name}: {times}", flush=True)
     print(f"\n{described}, {data.shape[0]} slices, batch {args.batch_size}, {torch.get_num_threads()} torch "

@@ -14,6 +14,7 @@ from napari_tae.inference import segment  # noqa: E402
 from napari_tae.io import load_volume  # noqa: E402
 from napari_tae.models import build_model  # noqa: E402
 from napari_tae.plugin._layers import GEOMETRY_KEY, layer_kwargs  # noqa: E402
+from napari_tae.plugin._opengl import canvas_renderer, is_software_renderer  # noqa: E402
 from napari_tae.plugin._widget import NEXT_KEY, AnomalyWidget  # noqa: E402
 from napari_tae.settings import CONFIG_ENV, load_settings  # noqa: E402
 from napari_tae.synthetic import sample_case  # noqa: E402
@@ -687,8 +688,10 @@ def test_progress_in_the_activity_dock_with_cancel(make_napari_viewer, qtbot, fi
     from napari.utils import progress
 
     viewer, widget, _, _ = _widget(make_napari_viewer, files)
+    widget.progress_in_dock = False  # as on a display with OpenGL hardware
     widget.settings.batch_size = 1
     widget.run()
+    assert widget.progress_bar.isHidden()
     bars = [bar for bar in progress._all_instances if "flair" in (bar.desc or "")]
     assert len(bars) == 1 and bars[0].total == viewer.layers["flair"].data.shape[0]
     worker = widget._worker
@@ -699,6 +702,61 @@ def test_progress_in_the_activity_dock_with_cancel(make_napari_viewer, qtbot, fi
     assert not widget.is_running and worker.abort_requested and _results(viewer) == []
     assert "Cancelled" in widget.status.text()
     assert bars[0] not in progress._all_instances  # closed
+
+
+@pytest.mark.parametrize(("renderer", "software"), [
+    ("llvmpipe (LLVM 15.0.6, 256 bits)", True),
+    ("softpipe", True),
+    ("D3D12 (Microsoft Basic Render Driver)", True),
+    ("Apple Software Renderer", True),
+    ("Google SwiftShader", True),
+    ("NVIDIA GeForce RTX 3080/PCIe/SSE2", False),
+    ("Mesa Intel(R) UHD Graphics 620 (KBL GT2)", False),
+    ("AMD Radeon Pro 5500M OpenGL Engine", False),
+    ("Apple M2", False),
+    (None, False),
+])
+def test_software_renderers_are_told_from_hardware(renderer, software):
+    assert is_software_renderer(renderer) is software
+
+
+def test_progress_in_the_dock_on_a_software_rendered_display(make_napari_viewer, qtbot, files):
+    from napari.utils import progress
+
+    viewer, widget, _, _ = _widget(make_napari_viewer, files)
+    # asked of napari's own canvas; Xvfb has no GPU, so Mesa draws in software there
+    assert widget.renderer == canvas_renderer() and is_software_renderer(widget.renderer)
+    assert widget.progress_in_dock and widget.progress_bar.isHidden()
+    widget.settings.batch_size = 1
+    n_slices = viewer.layers["flair"].data.shape[0]
+    widget.run()
+    assert not [bar for bar in progress._all_instances if "flair" in (bar.desc or "")]
+    assert not widget.progress_bar.isHidden() and widget.progress_bar.maximum() == n_slices
+    worker = widget._worker
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=WAIT)
+    widget.cancel_button.click()
+    with qtbot.waitSignal(worker.finished, timeout=WAIT):
+        pass
+    assert not widget.is_running and worker.abort_requested and _results(viewer) == []
+    assert widget.progress_bar.isHidden() and "Cancelled" in widget.status.text()
+    widget.run()  # a whole run: the bar reaches every slice, then hides
+    seen = []
+    widget._worker.yielded.connect(lambda value: seen.append(widget.progress_bar.value()))
+    _wait_done(qtbot, widget, viewer)
+    assert seen and seen[-1] == n_slices and widget.progress_bar.isHidden()
+
+
+def test_closing_the_viewer_during_a_run(make_napari_viewer, qtbot, files):
+    # napari deletes the dock without a closeEvent: the worker's late progress and result must
+    # not reach the deleted Qt widgets (pytest-qt fails the test on an exception in a callback)
+    viewer, widget, _, _ = _widget(make_napari_viewer, files)
+    widget.settings.batch_size = 1
+    widget.run()
+    worker = widget._worker
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=WAIT)
+    viewer.close()
+    qtbot.waitUntil(lambda: worker.abort_requested, timeout=WAIT)
+    qtbot.wait(1000)  # any callback still queued runs now
 
 
 def test_preferences_are_napari_plugin_settings(make_napari_viewer, files):

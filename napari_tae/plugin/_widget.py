@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QMessageBox,
+    QProgressBar,
     QPushButton,
     QScrollArea,
     QSpinBox,
@@ -41,6 +42,7 @@ from napari_tae.io import error_line
 from napari_tae.options import DEVICE_CHOICES, PRECISIONS
 from napari_tae.plugin._lesion_table import LesionTableModel, lesion_table_view
 from napari_tae.plugin._model_chooser import BROWSE, ModelChooser
+from napari_tae.plugin._opengl import canvas_renderer, is_software_renderer
 from napari_tae.plugin._preferences import load_preferences, save_preferences
 from napari_tae.plugin._tasks import start_task
 from napari_tae.plugin.review import (
@@ -116,6 +118,22 @@ class _RunProgress:
         self.bar.close()
 
 
+class _DockProgress:
+    """The run's progress on the dock's own bar, with the dock's Cancel (see ``progress_in_dock``)."""
+
+    def __init__(self, bar: QProgressBar, total: int) -> None:
+        self.bar = bar
+        bar.setRange(0, total)
+        bar.setValue(0)
+        bar.show()
+
+    def set(self, done: int) -> None:
+        self.bar.setValue(done)
+
+    def close(self) -> None:
+        self.bar.hide()
+
+
 class AnomalyWidget(QWidget):
     """Find anomalies in a FLAIR volume with a transformer autoencoder (Ghorbel et al. 2022).
 
@@ -136,13 +154,20 @@ class AnomalyWidget(QWidget):
         self._worker = None
         self._post_worker = None     # the whole-volume update running in the background
         self._volume_pending = False  # settings changed while it ran: one more update follows
-        self._progress: _RunProgress | None = None
+        self._progress: _RunProgress | _DockProgress | None = None
+        #: The run's progress in the dock rather than in napari's activity dock: on a software-
+        #: rendered display napari's animated indicator made a run take twice as long
+        #: (napari_tae/plugin/_opengl.py, docs/speed.md section 9).
+        self.renderer = canvas_renderer()
+        self.progress_in_dock = is_software_renderer(self.renderer)
         self._states: dict[Any, ReviewState] = {}   # by input layer (the object, not its name)
         self._brain_layers: dict[Any, Any] = {}  # input layer -> the editable brain mask of its run
         self._active: ReviewState | None = None
         self._side_by_side = SideBySide(napari_viewer)
         self._closed = False
         self._build_ui()
+        # a plain function: PyQt calls no method of an object being destroyed
+        self.destroyed.connect(partial(_drop_late_results, self))
         self._post_timer = QTimer(self, singleShot=True)
         self._post_timer.timeout.connect(self._request_volume)
         for emitter, callback in self._viewer_connections():
@@ -174,6 +199,12 @@ class AnomalyWidget(QWidget):
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setFormat("%v / %m slices")
+        self.progress_bar.setToolTip(f"Shown here, not in napari's activity dock: this display draws in software "
+                                     f"({self.renderer}), where napari's animated busy indicator slows a run "
+                                     "about twofold")
+        self.progress_bar.hide()
         self.status = QLabel()
         self.status.setWordWrap(True)
 
@@ -212,6 +243,7 @@ class AnomalyWidget(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         form.addRow(buttons)
+        form.addRow(self.progress_bar)
         form.addRow(self.status)
 
         post_box = QGroupBox("Post-processing (live)")
@@ -477,8 +509,11 @@ class AnomalyWidget(QWidget):
         job = partial(inference_job, spec, data, brain=brain, skull_strip=skull_strip,
                       spacing=tuple(float(v) for v in layer.scale), device=self.settings.device,
                       batch_size=self.settings.batch_size, precision=self.settings.precision)
-        self._progress = _RunProgress(data.shape[0], f"Finding anomalies in '{layer.name}'",
-                                      self.cancel)
+        if self.progress_in_dock:
+            self._progress = _DockProgress(self.progress_bar, data.shape[0])
+        else:
+            self._progress = _RunProgress(data.shape[0], f"Finding anomalies in '{layer.name}'",
+                                          self.cancel)
         self._set_running(True, f"Running on '{layer.name}'...")
         self._worker = start_task(
             job, synchronous=self.synchronous, on_yield=partial(self._on_progress, tag),
@@ -927,6 +962,18 @@ class AnomalyWidget(QWidget):
 
         self.status.setText(message)
         show_info(message)
+
+
+def _drop_late_results(widget: AnomalyWidget) -> None:
+    """Closing napari's window deletes the dock without a closeEvent: what a worker still sends
+    must find nothing current, its Qt widgets being gone (only Python state is touched here)."""
+    widget._closed = True
+    widget._run_gen.invalidate()
+    for state in widget._states.values():
+        state.generation.invalidate()
+    worker, widget._worker = widget._worker, None
+    if worker is not None:
+        worker.quit()
 
 
 def _placement(geometry: Any, name: str, source: Any) -> dict[str, Any]:
