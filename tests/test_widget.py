@@ -845,8 +845,12 @@ def test_score_kernel_and_mode_move_the_squash_to_the_calibration_table(make_nap
     assert widget.squash_slider.value() == pytest.approx(value("fused", 5, "2d"))
     # the fused score lives on [0, 1 + w]: the slider reaches twice its calibrated values
     assert widget.squash_slider.maximum() == pytest.approx(2 * (value("fused", 15, "3d") + 2))
+    # a squash past 100 % is explained where the user points at it
+    assert "FLAIR + 1 x residual" in widget.squash_slider.toolTip()
+    assert "spans 0-200 %" in widget.squash_slider.toolTip()
     widget.score_combo.setCurrentText("residual")
     assert widget.squash_slider.value() == pytest.approx(value("residual", 5, "2d"))
+    assert "spans 0-100 %" in widget.squash_slider.toolTip()
     assert widget.squash_slider.maximum() == pytest.approx(20.0)  # never below 20 %
     widget.kernel_spin.setValue(7)
     assert widget.squash_slider.value() == pytest.approx(value("residual", 7, "2d"))
@@ -854,6 +858,7 @@ def test_score_kernel_and_mode_move_the_squash_to_the_calibration_table(make_nap
     assert widget.squash_slider.value() == pytest.approx(value("residual", 7, "3d"))
 
     widget.score_combo.setCurrentText("prior")
+    assert "where the FLAIR is bright" in widget.squash_slider.toolTip()
     widget.run()
     score_layer = viewer.layers["flair score"]
     state = widget._active

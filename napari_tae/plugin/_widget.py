@@ -58,6 +58,8 @@ from napari_tae.plugin.review import (
 if TYPE_CHECKING:
     import napari
 
+    from napari_tae.scores import ScoreSpec
+
 __all__ = ["AnomalyWidget"]
 
 RESULT_KEY = "napari_tae_result"     # layer.metadata: kind of result layer ("reconstruction", ...)
@@ -92,6 +94,17 @@ def _block_triton() -> None:
     """
     if os.environ.get("NAPARI_TAE_ALLOW_TRITON") != "1":
         sys.modules.setdefault("triton", None)  # type: ignore[arg-type]
+
+
+def squash_tooltip(spec: ScoreSpec) -> str:
+    """What the squash threshold applies to: the fused score's values pass 100 % (docs/scores.md)."""
+    if spec.name == "fused":
+        what = f"the fused score (FLAIR + {spec.weight:g} x residual)"
+    else:
+        what = {"residual": "the residual (FLAIR - reconstruction)",
+                "prior": "the residual where the FLAIR is bright (prior)"}[spec.name]
+    return (f"Mask threshold on {what}, in % of the normalised intensity range; "
+            f"this score spans 0-{100 * spec.upper:g} %")
 
 
 def _is_result(layer) -> bool:
@@ -418,6 +431,7 @@ class AnomalyWidget(QWidget):
         top = max(squash_limit(self.models.meta, spec), float(np.ceil(1.5 * squash)))
         if self.squash_slider.maximum() != top:
             self.squash_slider.setRange(0.0, top)
+        self.squash_slider.setToolTip(squash_tooltip(spec))
         self.squash_slider.setValue(squash)
 
     def _on_device_changed(self, device: str) -> None:
