@@ -13,8 +13,9 @@ Not a unit test, and long: hours on a CPU for the whole zoo (``--device cuda`` o
    run at ``--img-size``;
 3. evaluation: each checkpoint and ``intensity`` (its bundled calibration,
    ``napari_tae/checkpoints/intensity.json``) through ``python -m training evaluate --out-json``,
-   with the residual and the prior score, on the synthetic test split (per anomaly kind, with the
-   healthy test volumes) and on the real case ``mslub_patient07`` when present;
+   with the residual, the fused (FLAIR + w x residual, the bundled default's) and the prior
+   score, on the synthetic test split (per anomaly kind, with the healthy test volumes) and on the
+   real case ``mslub_patient07`` when present;
 4. ``OUT/results.json``, ``OUT/results.md`` (model x split x score, per anomaly kind, commands)
    and small PNGs in ``--figures``: precision-recall curves per split and score, and input /
    reconstruction / residual / mask / ground truth of test slices for every model
@@ -48,7 +49,7 @@ from napari_tae.synthetic import KIND_LABELS, KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "intensity"
-SCORES_COMPARED = ("residual", "prior")
+SCORES_COMPARED = ("residual", "fused", "prior")
 SPLITS = ("synthetic", "real")
 REAL_NAME = REAL.name
 PANELS = ("input", "reconstruction", "residual", "mask", "ground truth")
@@ -354,7 +355,7 @@ def detectors(training: dict[str, dict[str, Any]]) -> list[Detector]:
                              (BASELINE, None)]:
         offered = available_scores(intensity_metadata() if checkpoint is None else read_metadata(checkpoint))
         missing = [s for s in SCORES_COMPARED if s not in offered]
-        if missing:  # the baseline's: its residual is the FLAIR itself, which the prior would rank alike
+        if missing:  # the baseline's: its residual is the FLAIR itself, which fused and prior would rank alike
             print(f"  {name}: no {', '.join(missing)} score (offers {', '.join(offered)})")
         found.append(Detector(name, checkpoint, tuple(s for s in SCORES_COMPARED if s in offered)))
     return found

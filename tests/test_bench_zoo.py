@@ -58,6 +58,21 @@ def _evaluate_json(volume_dices: dict[str, float | None]) -> dict:
     }
 
 
+def test_detectors_take_every_compared_score_a_checkpoint_offers(bz, tmp_path):
+    from napari_tae.checkpoint import save_checkpoint
+    from napari_tae.models import build_model
+
+    model = build_model("b_tae", img_size=32, depth=1, embed_dim=16, num_heads=2, patch_size=8)
+    scored = save_checkpoint(tmp_path / "scored.safetensors", model, preprocessing={},
+                             scores={"default": "fused", "fused": {"weight": 1.0}, "prior": {"threshold": 0.5}})
+    plain = save_checkpoint(tmp_path / "plain.safetensors", model, preprocessing={})
+    found = bz.detectors({"b_tae": {"status": "trained", "checkpoint": scored},
+                          "vae": {"status": "reused", "checkpoint": plain},
+                          "sc_tae": {"status": "failed", "checkpoint": tmp_path / "missing.safetensors"}})
+    assert [(d.name, d.scores) for d in found] == [
+        ("b_tae", ("residual", "fused", "prior")), ("vae", ("residual",)), ("intensity", ("residual",))]
+
+
 def test_summary_per_kind_takes_the_volumes_of_that_kind_only(bz):
     kinds = {"case_000": ["ms"], "case_001": ["tumour"], "case_002": ["ms"], "case_003": ["ms", "tumour"]}
     summary = bz.summarise(_evaluate_json({"case_000": 0.2, "case_001": 0.6, "case_002": 0.4, "case_003": 0.9}),
