@@ -103,8 +103,7 @@ def squash_tooltip(spec: ScoreSpec) -> str:
     else:
         what = {"residual": "the residual (FLAIR - reconstruction)",
                 "prior": "the residual where the FLAIR is bright (prior)"}[spec.name]
-    return (f"Mask threshold on {what}, in % of the normalised intensity range; "
-            f"this score spans 0-{100 * spec.upper:g} %")
+    return f"Mask threshold on {what},\nin % of the normalised intensity range: 0-{100 * spec.upper:g} %"
 
 
 def _is_result(layer) -> bool:
