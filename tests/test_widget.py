@@ -58,6 +58,32 @@ def _config(tmp_path, monkeypatch):
     napari_settings._clear_plugin_settings_cache()
 
 
+@pytest.fixture
+def paused_after_first_batch(monkeypatch):
+    """Hold every run after its first batch until the test sets the returned event.
+
+    The tiny model finishes the volume in a few ms: without the pause, a cancel or close the test
+    makes after seeing the first batch can come after the run's end, and the test then waits for a
+    signal that was already sent.
+    """
+    import threading
+
+    from napari_tae import inference
+
+    resume = threading.Event()
+    real_job = inference.inference_job
+
+    def job(*args, **kwargs):
+        steps = real_job(*args, **kwargs)
+        yield next(steps)
+        resume.wait(WAIT / 1000)
+        return (yield from steps)
+
+    monkeypatch.setattr(inference, "inference_job", job)
+    yield resume
+    resume.set()
+
+
 def _add_volume(viewer, path, name="flair"):
     vol = load_volume(path)
     return viewer.add_image(vol.data, **layer_kwargs(vol.geometry, name)), vol
@@ -684,7 +710,8 @@ def test_rerun_asks_before_replacing_edits(make_napari_viewer, files, monkeypatc
 
 
 # ------------------------------------------------------------------------------------- napari conventions
-def test_progress_in_the_activity_dock_with_cancel(make_napari_viewer, qtbot, files):
+def test_progress_in_the_activity_dock_with_cancel(make_napari_viewer, qtbot, files,
+                                                   paused_after_first_batch):
     from napari.utils import progress
 
     viewer, widget, _, _ = _widget(make_napari_viewer, files)
@@ -696,9 +723,9 @@ def test_progress_in_the_activity_dock_with_cancel(make_napari_viewer, qtbot, fi
     assert len(bars) == 1 and bars[0].total == viewer.layers["flair"].data.shape[0]
     worker = widget._worker
     qtbot.waitUntil(lambda: bars[0].n >= 1, timeout=WAIT)
-    bars[0].cancel()  # the activity dock's Cancel button
     with qtbot.waitSignal(worker.finished, timeout=WAIT):
-        pass
+        bars[0].cancel()  # the activity dock's Cancel button
+        paused_after_first_batch.set()
     assert not widget.is_running and worker.abort_requested and _results(viewer) == []
     assert "Cancelled" in widget.status.text()
     assert bars[0] not in progress._all_instances  # closed
@@ -720,7 +747,8 @@ def test_software_renderers_are_told_from_hardware(renderer, software):
     assert is_software_renderer(renderer) is software
 
 
-def test_progress_in_the_dock_on_a_software_rendered_display(make_napari_viewer, qtbot, files):
+def test_progress_in_the_dock_on_a_software_rendered_display(make_napari_viewer, qtbot, files,
+                                                             paused_after_first_batch):
     from napari.utils import progress
 
     viewer, widget, _, _ = _widget(make_napari_viewer, files)
@@ -734,9 +762,9 @@ def test_progress_in_the_dock_on_a_software_rendered_display(make_napari_viewer,
     assert not widget.progress_bar.isHidden() and widget.progress_bar.maximum() == n_slices
     worker = widget._worker
     qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=WAIT)
-    widget.cancel_button.click()
     with qtbot.waitSignal(worker.finished, timeout=WAIT):
-        pass
+        widget.cancel_button.click()
+        paused_after_first_batch.set()
     assert not widget.is_running and worker.abort_requested and _results(viewer) == []
     assert widget.progress_bar.isHidden() and "Cancelled" in widget.status.text()
     widget.run()  # a whole run: the bar reaches every slice, then hides
@@ -746,7 +774,7 @@ def test_progress_in_the_dock_on_a_software_rendered_display(make_napari_viewer,
     assert seen and seen[-1] == n_slices and widget.progress_bar.isHidden()
 
 
-def test_closing_the_viewer_during_a_run(make_napari_viewer, qtbot, files):
+def test_closing_the_viewer_during_a_run(make_napari_viewer, qtbot, files, paused_after_first_batch):
     # napari deletes the dock without a closeEvent: the worker's late progress and result must
     # not reach the deleted Qt widgets (pytest-qt fails the test on an exception in a callback)
     viewer, widget, _, _ = _widget(make_napari_viewer, files)
@@ -754,8 +782,10 @@ def test_closing_the_viewer_during_a_run(make_napari_viewer, qtbot, files):
     widget.run()
     worker = widget._worker
     qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=WAIT)
-    viewer.close()
-    qtbot.waitUntil(lambda: worker.abort_requested, timeout=WAIT)
+    with qtbot.waitSignal(worker.finished, timeout=WAIT):
+        viewer.close()
+        paused_after_first_batch.set()
+    assert worker.abort_requested
     qtbot.wait(1000)  # any callback still queued runs now
 
 
