@@ -678,8 +678,10 @@ def plot_slices(rows: list, title: str, path: Path) -> int:
             if r == 0:
                 ax.set_title(PANELS[c], fontsize=7)
             if PANELS[c] == "mask":
+                # on a dark box: a mask pixel under the caption would hide its digits
                 ax.text(0.03, 0.03, f"Dice {_fmt(slice_dice, 2)}", color="yellow", fontsize=6,
-                        transform=ax.transAxes)
+                        transform=ax.transAxes,
+                        bbox={"facecolor": "black", "edgecolor": "none", "pad": 1.0})
         axes[r, 0].set_ylabel(name, fontsize=7)
     fig.suptitle(f"{title} (residual 0-{residual_max:.2f})", fontsize=8)
     size = save_png(fig, path)
